@@ -1,0 +1,29 @@
+# mamlops: two commands on a fresh machine: `make run` (install + main job) and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export MAMLOPS_DATA_MIRROR ?= $(abspath ../shared/data/omniglot)
+
+.PHONY: install run test lint format bench clean
+
+$(BIN)/mamlops: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+install: $(BIN)/mamlops
+
+run: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check src pipeline tests benchmarks
+	$(BIN)/ruff format --check src pipeline tests benchmarks
+
+format: install
+	$(BIN)/ruff format src pipeline tests benchmarks
+	$(BIN)/ruff check --fix src pipeline tests benchmarks
