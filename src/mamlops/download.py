@@ -1,0 +1,395 @@
+"""The ``download`` stage: fetch Omniglot, check it by content, move it into place atomically.
+
+Why content and not zip checksums: mirrors rebuild the zip containers, so their bytes differ from
+the official release while the PNG files inside are byte-identical. The project therefore records,
+in ``resources/omniglot.json``, the expected character folders and a fingerprint of the PNGs
+(sha256 over the sorted relative paths and each file's sha256), and trusts nothing else.
+
+Why atomic: later stages read ``data/raw/omniglot`` and DVC caches it. A half-extracted or
+unverified tree must never sit at that path, and a failed re-download must not destroy an earlier
+good copy. Everything is built in a temporary folder beside the destination (same filesystem, so
+the final ``rename`` is atomic) and swapped in only after it verified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from PIL import Image
+
+OFFICIAL_BASE = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+ENV_MIRROR = "MAMLOPS_DATA_MIRROR"
+SETS = ("images_background", "images_evaluation")
+RECORD_PATH = Path(__file__).parent / "resources" / "omniglot.json"
+VERIFIED_NAME = "VERIFIED.json"
+FIX = f"re-download (force) or point {ENV_MIRROR} at a good copy"
+_CHUNK = 1 << 16
+_SHOWN = 5  # how many offending names an error message lists before giving a count
+
+
+class DataError(ValueError):
+    """Downloaded or supplied data is missing, damaged or not the expected content."""
+
+
+# --- where the data comes from ---------------------------------------------------------------
+
+
+def resolve_mirror(params_mirror: str | None) -> str | None:
+    """The mirror to use: ``$MAMLOPS_DATA_MIRROR`` wins over params.yaml; empty means official.
+
+    The environment variable wins so that a machine without internet (CI, these test boxes) can
+    redirect the stage without editing params.yaml, which DVC tracks.
+    """
+    env = os.environ.get(ENV_MIRROR, "").strip()
+    if env:
+        return env
+    if params_mirror and params_mirror.strip():
+        return params_mirror.strip()
+    return None
+
+
+def _source(mirror: str | None) -> tuple[str, str]:
+    """``("url", base)`` or ``("dir", absolute folder)`` for a mirror; ``None`` is the release."""
+    if mirror is None:
+        return "url", OFFICIAL_BASE
+    scheme = urllib.parse.urlsplit(mirror).scheme.lower()
+    if scheme in ("http", "https", "file"):
+        return "url", mirror if mirror.endswith("/") else mirror + "/"
+    if "://" in mirror:
+        raise DataError(f"mirror {mirror!r}: only http, https and file URLs are supported")
+    # A relative folder is taken relative to the working dir (the repo root for DVC stages).
+    folder = Path(mirror).expanduser().resolve()
+    if not folder.is_dir():
+        raise DataError(f"mirror folder {folder} does not exist; fix data.mirror or {ENV_MIRROR}")
+    return "dir", str(folder)
+
+
+def _download(url: str, target: Path, progress: bool) -> None:
+    """Stream ``url`` to ``target`` in chunks, with a rich progress bar; refuse short reads.
+
+    A short read (connection dropped) would otherwise surface later as a confusing bad-zip error,
+    so the byte count is checked against Content-Length here and named as a download problem.
+    """
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    name = PurePosixPath(urllib.parse.urlsplit(url).path).name
+    try:
+        response = urllib.request.urlopen(url, timeout=60)  # scheme checked in _source
+    except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+        raise DataError(f"{url}: download failed ({exc}); {FIX}") from exc
+    with response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            disable=not progress,
+        )
+        received = 0
+        with bar, target.open("wb") as out:
+            task = bar.add_task(f"download {name}", total=total)
+            try:
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.advance(task, len(chunk))
+            except (OSError, http.client.HTTPException) as exc:
+                raise DataError(f"{url}: download interrupted ({exc}); {FIX}") from exc
+    if total is not None and received != total:
+        raise DataError(f"{url}: got {received} of {total} bytes (truncated download); {FIX}")
+
+
+def _fetch_zip(kind: str, base: str, name: str, workdir: Path, progress: bool) -> Path:
+    """The zip for one set as a local file: read in place from a folder, else downloaded."""
+    if kind == "dir":
+        path = Path(base) / name
+        if not path.is_file():
+            raise DataError(f"{path}: not found in the mirror folder; {FIX}")
+        return path
+    target = workdir / name
+    _download(urllib.parse.urljoin(base, name), target, progress)
+    return target
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    """Open a zip, turning a truncated or corrupt container into a DataError that names it."""
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{path}: not a readable zip ({exc}); truncated or corrupt? {FIX}") from exc
+
+
+def _extract(archive: zipfile.ZipFile, set_name: str, into: Path) -> None:
+    """Extract the set's PNGs only, refusing paths that escape ``into``.
+
+    Other members (``__MACOSX/``, ``.DS_Store``) are dropped so that the tree holds exactly what
+    the fingerprint covers. A CRC error while reading means a damaged zip and is named as such.
+    """
+    source = archive.filename
+    for info in archive.infolist():
+        member = PurePosixPath(info.filename)
+        if info.is_dir() or member.parts[:1] != (set_name,) or member.suffix.lower() != ".png":
+            continue
+        if ".." in member.parts or member.is_absolute():
+            raise DataError(f"{source}: member {info.filename!r} escapes the folder; {FIX}")
+        target = into.joinpath(*member.parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with archive.open(info) as src, target.open("wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise DataError(f"{source}: member {info.filename} is damaged ({exc}); {FIX}") from exc
+
+
+# --- what the data must be -------------------------------------------------------------------
+
+
+def load_record() -> dict[str, Any]:
+    """The project's recorded expectations (characters, counts, fingerprints) per set."""
+    return json.loads(RECORD_PATH.read_text())
+
+
+def _listing(names: Iterable[str], more: int = 0) -> str:
+    """``a, b, c (and 12 more)`` for error messages that must stay short but concrete."""
+    names = list(names)
+    shown = ", ".join(names[:_SHOWN])
+    rest = len(names) - _SHOWN + more
+    return f"{shown} (and {rest} more)" if rest > 0 else shown
+
+
+def _characters(set_dir: Path) -> list[str]:
+    """``Alphabet/characterNN`` for every character folder present, sorted."""
+    return sorted(
+        f"{alphabet.name}/{char.name}"
+        for alphabet in set_dir.iterdir()
+        if alphabet.is_dir()
+        for char in alphabet.iterdir()
+        if char.is_dir()
+    )
+
+
+def _check_structure(root: Path, set_name: str, expected: dict[str, Any]) -> list[Path]:
+    """Folders and counts against the record; returns the PNGs in fingerprint order.
+
+    Runs before any hashing so that a missing folder is reported at once, by name.
+    """
+    set_dir = root / set_name
+    if not set_dir.is_dir():
+        raise DataError(f"{set_dir}: folder missing; {FIX}")
+    present = set(_characters(set_dir))
+    wanted = expected["characters"]
+    missing = [c for c in wanted if c not in present]
+    if missing:
+        raise DataError(
+            f"{set_dir}: {len(missing)} character folder(s) missing: {_listing(missing)}; {FIX}"
+        )
+    extra = sorted(present - set(wanted))
+    if extra:
+        raise DataError(f"{set_dir}: unexpected character folder(s): {_listing(extra)}; {FIX}")
+    per_char = expected["images_per_character"]
+    files: list[Path] = []
+    for char in wanted:
+        char_dir = set_dir / char
+        entries = sorted(char_dir.iterdir())
+        pngs = [p for p in entries if p.is_file() and p.suffix == ".png"]
+        others = [p.name for p in entries if p not in pngs]
+        if others:
+            raise DataError(f"{char_dir}: unexpected entries {_listing(others)}; {FIX}")
+        if len(pngs) != per_char:
+            raise DataError(f"{char_dir}: {len(pngs)} PNGs, expected {per_char}; {FIX}")
+        files.extend(pngs)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _file_digest(path: Path, decode: bool) -> str:
+    """sha256 of one PNG; with ``decode`` it must also decode fully (not just parse headers)."""
+    data = path.read_bytes()
+    if decode:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as exc:  # PIL raises many types for damaged images
+            raise DataError(f"{path}: PNG does not decode ({exc}); {FIX}") from exc
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(root: Path, files: Iterable[Path], decode: bool = True) -> str:
+    """sha256 over ``"<relative posix path>\\0<file sha256>\\n"`` for the files in sorted order.
+
+    Paths are part of the fingerprint so that a renamed or moved character also changes it.
+    """
+    digest = hashlib.sha256()
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        digest.update(f"{rel}\0{_file_digest(path, decode)}\n".encode())
+    return digest.hexdigest()
+
+
+def _verify_sets(root: Path, decode: bool) -> dict[str, Any]:
+    """Structure of every set first (cheap, names folders), then content and fingerprints."""
+    record = load_record()["sets"]
+    files = {name: _check_structure(root, name, record[name]) for name in SETS}
+    summary: dict[str, Any] = {"fingerprints": {}, "counts": {}}
+    for name in SETS:
+        got = fingerprint(root, files[name], decode=decode)
+        if got != record[name]["fingerprint"]:
+            raise DataError(
+                f"{root / name}: content fingerprint {got[:16]}... does not match the recorded "
+                f"{record[name]['fingerprint'][:16]}... (some PNG differs from the release); {FIX}"
+            )
+        summary["fingerprints"][name] = got
+        summary["counts"][name] = {
+            "characters": len(record[name]["characters"]),
+            "images": len(files[name]),
+        }
+    return summary
+
+
+def verify_omniglot(root: Path) -> dict[str, Any]:
+    """Full check of an Omniglot tree: folders, 20 PNGs per character, decoding, fingerprints.
+
+    Returns ``{"root", "fingerprints", "counts"}``; raises DataError naming the first problem.
+    """
+    root = Path(root)
+    return {"root": str(root), **_verify_sets(root, decode=True)}
+
+
+def _already_verified(dest: Path) -> dict[str, Any] | None:
+    """The stored summary when ``dest`` holds a verified copy that still matches, else None.
+
+    The quick re-check hashes every file but skips decoding: files whose fingerprint equals the
+    recorded one are byte-identical to the release, which is known to decode.
+    """
+    marker = dest / VERIFIED_NAME
+    if not marker.is_file():
+        return None
+    try:
+        stored = json.loads(marker.read_text())
+        current = _verify_sets(dest, decode=False)
+    except (DataError, ValueError, OSError):
+        return None
+    recorded = stored.get("fingerprints") or {}
+    if any(recorded.get(name) != fp for name, fp in current["fingerprints"].items()):
+        return None
+    return {**stored, "skipped": True}
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def _swap_in(staged: Path, dest: Path, workdir: Path) -> None:
+    """Rename the verified tree into place; an earlier copy is moved aside, then removed."""
+    if dest.exists():
+        old = workdir / "previous"
+        dest.rename(old)
+        try:
+            staged.rename(dest)
+        except OSError:
+            old.rename(dest)  # put the earlier good copy back
+            raise
+    else:
+        staged.rename(dest)
+
+
+def fetch_omniglot(
+    dest: Path, mirror: str | None = None, *, force: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Fetch, extract, verify and atomically install Omniglot at ``dest``.
+
+    ``mirror`` is a local folder or an http/https/file URL base holding ``images_background.zip``
+    and ``images_evaluation.zip``; ``None`` uses the official GitHub release. When ``dest`` already
+    holds a verified copy with the recorded fingerprints it is re-checked and kept (unless
+    ``force``). Returns ``{"source", "fingerprints", "counts", "skipped"}``.
+    """
+    dest = Path(dest).absolute()
+    if not force:
+        kept = _already_verified(dest)
+        if kept is not None:
+            return kept
+    kind, base = _source(mirror)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}-tmp-", dir=dest.parent))
+    try:
+        # Fetch and open both zips before extracting so a bad container fails fast.
+        archives = [
+            _open_zip(_fetch_zip(kind, base, f"{name}.zip", workdir, progress)) for name in SETS
+        ]
+        staged = workdir / "staged"
+        staged.mkdir()
+        try:
+            for name, archive in zip(SETS, archives, strict=True):
+                _extract(archive, name, staged)
+        finally:
+            for archive in archives:
+                archive.close()
+        summary = {"source": base, **verify_omniglot(staged)}
+        summary.pop("root")
+        # The marker goes in last: its presence means the tree beside it passed verification.
+        (staged / VERIFIED_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        _swap_in(staged, dest, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {**summary, "skipped": False}
+
+
+def record_omniglot(root: Path) -> dict[str, Any]:
+    """Expectations for ``resources/omniglot.json`` computed from a trusted tree (run once).
+
+    Kept in code so the recorded values can be re-derived and audited, not typed in by hand.
+    """
+    sets = {}
+    for name in SETS:
+        set_dir = Path(root) / name
+        chars = _characters(set_dir)
+        files = sorted(set_dir.rglob("*.png"), key=lambda p: p.relative_to(root).as_posix())
+        sets[name] = {
+            "zip": f"{name}.zip",
+            "images_per_character": 20,
+            "images": len(files),
+            "fingerprint": fingerprint(Path(root), files),
+            "characters": chars,
+        }
+    return {
+        "fingerprint": "sha256 over '<relative posix path>\\0<sha256 of file>\\n', paths sorted",
+        "source": OFFICIAL_BASE,
+        "sets": sets,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mamlops.download --dest DIR [--mirror M] [--force]``: the stage by hand."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dest", type=Path, default=Path("data/raw/omniglot"))
+    parser.add_argument("--mirror", default=None, help=f"folder or URL base; else ${ENV_MIRROR}")
+    parser.add_argument("--force", action="store_true", help="download even if verified")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    mirror = args.mirror or resolve_mirror(None)  # an explicit flag wins over the env var
+    summary = fetch_omniglot(args.dest, mirror, force=args.force, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""MAML (Finn et al. 2017) with the MAML++ switches (Antoniou et al. 2019). Pure math, no I/O.
+
+The meta-parameters are one flat ``dict[str, Tensor]``: the network's weights (see ``model``),
+plus, with learned inner lrs (LSLR), one tensor ``lr.<name>`` of per-step lrs for each adapted
+weight. Keeping everything in one dict means one Adam, one checkpoint, and that a checkpoint says
+by itself which MAML++ features it was trained with (``lr.*`` keys present, BN weights with a
+step axis), so evaluation needs no MAMLConfig.
+
+Two executions of the meta-batch give the same numbers:
+
+* ``loop``: one task at a time, the textbook form;
+* ``batched``: all T tasks in one pass, tasks folded into channels with grouped convolutions
+  (``model.forward_tasks``). The sum of per-task support losses is separable, so one
+  ``autograd.grad`` call yields every task's inner gradient at once.
+
+The outer optimiser (Adam with lr beta) lives in the training loop; this module gives it the
+loss to differentiate, the cosine meta-lr schedule and gradient clipping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mamlops.model import (
+    ConvNetConfig,
+    Params,
+    batch_stats_tasks,
+    expand_params,
+    forward,
+    forward_tasks,
+    init_params,
+    per_step_bn,
+)
+
+Strategy = Literal["auto", "loop", "batched"]
+LR_PREFIX = "lr."
+
+
+class TaskBatch(Protocol):
+    """What ``meta_loss`` reads from a batch of tasks (``data.Tasks`` has these fields)."""
+
+    xs: Tensor  # [T, N*K, C, H, W] support images
+    ys: Tensor  # [T, N*K] support labels in 0..N-1
+    xq: Tensor  # [T, N*Q, C, H, W] query images
+    yq: Tensor  # [T, N*Q]
+
+
+@dataclass(frozen=True)
+class MAMLConfig:
+    """Inner loop and MAML++ switches; defaults are the paper's Omniglot 5-way setting.
+
+    ``first_order_iters``: derivative-order annealing, first-order for iterations < E, then
+    second order (ignored when ``first_order`` is set). ``multi_step_anneal_iters``: with
+    ``multi_step_loss``, the iterations over which the weight of the intermediate-step losses
+    decays to a floor while the final step's weight grows.
+    """
+
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    first_order: bool = False
+    strategy: Strategy = "auto"
+    learn_inner_lr: bool = False
+    per_step_bn: bool = False
+    multi_step_loss: bool = False
+    multi_step_anneal_iters: int = 0
+    first_order_iters: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def init_meta_params(
+    model_cfg: ConvNetConfig, maml_cfg: MAMLConfig, generator: torch.Generator | None = None
+) -> Params:
+    """Network weights plus the meta-parameters the enabled MAML++ switches add."""
+    params = init_params(model_cfg, generator)
+    if maml_cfg.per_step_bn:
+        params = per_step_bn(params, maml_cfg.inner_steps)
+    if maml_cfg.learn_inner_lr:
+        for name in adapted_names(params):
+            params[LR_PREFIX + name] = torch.full((maml_cfg.inner_steps,), maml_cfg.inner_lr)
+    return params
+
+
+def adapted_names(params: Params) -> list[str]:
+    """Names the inner loop updates: every network weight except per-step BN scale/shift.
+
+    Per-step BN weights are meta-learned only (as in MAML++): adapting a table indexed by step
+    in a loop that uses one row per step would be a no-op for all rows but one.
+    """
+    names = []
+    for k, v in params.items():
+        if k.startswith(LR_PREFIX):
+            continue
+        if k.startswith("bn") and v.dim() == 2:
+            continue
+        names.append(k)
+    return names
+
+
+def _step_lr(params: Params, name: str, step: int, lr: float) -> Tensor | float:
+    """Learned lr of ``name`` at ``step`` when present (LSLR), else the fixed ``lr``."""
+    lrs = params.get(LR_PREFIX + name)
+    if lrs is None:
+        return lr
+    return lrs[min(step, lrs.shape[0] - 1)]
+
+
+def _sgd_step(
+    params: Params, names: list[str], grads: tuple[Tensor, ...], meta: Params, step: int, lr: float
+) -> Params:
+    """theta' = theta - alpha * g for the adapted ``names``; other entries pass through."""
+    out = dict(params)
+    for name, g in zip(names, grads, strict=True):
+        out[name] = params[name] - _step_lr(meta, name, step, lr) * g
+    return out
+
+
+def _inner_grads(loss: Tensor, weights: list[Tensor], create_graph: bool, first_order: bool):
+    """Support-loss gradients; kept in the graph only for second-order MAML."""
+    second_order = create_graph and not first_order
+    grads = torch.autograd.grad(loss, weights, create_graph=second_order)
+    return grads if second_order else tuple(g.detach() for g in grads)
+
+
+def adapt_history(
+    params: Params,
+    xs: Tensor,
+    ys: Tensor,
+    model_cfg: ConvNetConfig,
+    steps: int,
+    lr: float,
+    *,
+    create_graph: bool,
+    first_order: bool = False,
+) -> list[Params]:
+    """The weights after each of inner steps 0..steps for one task (see ``adapt``)."""
+    names = adapted_names(params)
+    history = [params]
+    for s in range(steps):
+        fast = history[-1]
+        loss = F.cross_entropy(forward(fast, xs, model_cfg, step=s), ys)
+        grads = _inner_grads(loss, [fast[n] for n in names], create_graph, first_order)
+        history.append(_sgd_step(fast, names, grads, params, s, lr))
+    return history
+
+
+def adapt(
+    params: Params,
+    xs: Tensor,
+    ys: Tensor,
+    model_cfg: ConvNetConfig,
+    steps: int,
+    lr: float,
+    *,
+    create_graph: bool,
+    first_order: bool = False,
+) -> Params:
+    """Inner loop for one task: ``steps`` SGD steps on the support loss, step size ``lr``.
+
+    ``create_graph=True`` keeps the graph of the inner gradients so that the adapted weights are
+    differentiable functions of ``params`` (second-order MAML). ``first_order=True`` detaches
+    the inner gradients instead: the adapted weights still depend on ``params`` through the
+    identity (and on learned lrs), which is the first-order approximation. With
+    ``create_graph=False`` the inner gradients are detached too (evaluation). Learned lrs
+    (``lr.*`` keys in ``params``) override ``lr``.
+    """
+    history = adapt_history(
+        params, xs, ys, model_cfg, steps, lr, create_graph=create_graph, first_order=first_order
+    )
+    return history[-1]
+
+
+def adapt_tasks(
+    params: Params,
+    xs: Tensor,
+    ys: Tensor,
+    model_cfg: ConvNetConfig,
+    steps: int,
+    lr: float,
+    *,
+    create_graph: bool,
+    first_order: bool = False,
+    keep_all: bool = False,
+) -> list[Params]:
+    """``adapt`` for all tasks at once: xs [T, B, ...] -> per-task weights (leading axis T).
+
+    Returns the weights after steps 0..steps when ``keep_all`` (for multi-step losses and
+    accuracy curves), else a one-element list with the final weights.
+    """
+    n_tasks, batch = ys.shape
+    names = adapted_names(params)
+    fast = expand_params(params, n_tasks)
+    history = [fast] if keep_all else []
+    for s in range(steps):
+        logits = forward_tasks(fast, xs, model_cfg, step=s)
+        # Sum of per-task mean losses: d/d(theta_t) of the sum is task t's own gradient.
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="sum"
+        )
+        grads = _inner_grads(loss / batch, [fast[n] for n in names], create_graph, first_order)
+        fast = _sgd_step(fast, names, grads, params, s, lr)
+        if keep_all:
+            history.append(fast)
+    return history if keep_all else [fast]
+
+
+def multi_step_weights(steps: int, iteration: int, anneal_iters: int) -> list[float]:
+    """MAML++ multi-step loss weights for query losses after steps 1..steps.
+
+    Start uniform (1/K each); the intermediate weights decay linearly over ``anneal_iters`` to
+    a floor of 0.03/K and the final step takes the rest, so late training optimises the final
+    adapted model as plain MAML does while early training gets gradient from every step.
+    """
+    if steps <= 1:
+        return [1.0] * steps
+    uniform = 1.0 / steps
+    frac = 1.0 if anneal_iters <= 0 else min(iteration / anneal_iters, 1.0)
+    inter = max(uniform * (1.0 - frac), 0.03 / steps)
+    return [inter] * (steps - 1) + [1.0 - inter * (steps - 1)]
+
+
+def use_first_order(maml_cfg: MAMLConfig, iteration: int) -> bool:
+    """First-order at this iteration? Always when configured, else for the first E iterations."""
+    return maml_cfg.first_order or iteration < maml_cfg.first_order_iters
+
+
+def resolve_strategy(strategy: Strategy, device: torch.device | str) -> str:
+    """``auto``: the batched form everywhere; it measured faster than the per-task loop on both
+    the 2-core CPU and CUDA (docs/performance.md). ``loop`` and ``batched`` pass through."""
+    if strategy not in ("auto", "loop", "batched"):
+        raise ValueError(f"unknown strategy {strategy!r}: expected 'auto', 'loop' or 'batched'")
+    return "batched" if strategy == "auto" else strategy
+
+
+def meta_loss(
+    params: Params,
+    tasks: TaskBatch,
+    model_cfg: ConvNetConfig,
+    maml_cfg: MAMLConfig,
+    step: int = 0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Meta-objective on a batch of tasks at training iteration ``step``.
+
+    Returns the loss (mean over tasks of the query loss of the adapted weights; the MAML++
+    weighted sum over steps with ``multi_step_loss``) whose ``.backward()`` puts the meta-gradient
+    into ``params[...].grad``, and detached metrics: ``loss``, ``query_acc`` (after the final
+    inner step). No ``.item()`` here, so no device sync.
+    """
+    first_order = use_first_order(maml_cfg, step)
+    steps = maml_cfg.inner_steps
+    if maml_cfg.multi_step_loss and steps > 1:
+        weights = multi_step_weights(steps, step, maml_cfg.multi_step_anneal_iters)
+    else:
+        weights = [1.0]  # only the final step's query loss
+    strategy = resolve_strategy(maml_cfg.strategy, tasks.xs.device)
+    if strategy == "batched":
+        logits_per_step = _query_logits_batched(params, tasks, model_cfg, maml_cfg, first_order)
+    else:
+        logits_per_step = _query_logits_loop(params, tasks, model_cfg, maml_cfg, first_order)
+    yq = tasks.yq.reshape(-1)
+    loss = tasks.yq.new_zeros((), dtype=tasks.xq.dtype)
+    for w, logits in zip(weights, logits_per_step, strict=True):
+        loss = loss + w * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yq)
+    final = logits_per_step[-1].detach()
+    acc = (final.argmax(-1) == tasks.yq).to(final.dtype).mean()
+    return loss, {"loss": loss.detach(), "query_acc": acc}
+
+
+def _query_logits_batched(
+    params: Params, tasks: TaskBatch, cfg: ConvNetConfig, mcfg: MAMLConfig, first_order: bool
+) -> list[Tensor]:
+    """Query logits [T, Q, ways] of the weights after each needed step (only the last unless
+    a multi-step loss is on)."""
+    multi = mcfg.multi_step_loss and mcfg.inner_steps > 1
+    history = adapt_tasks(
+        params,
+        tasks.xs,
+        tasks.ys,
+        cfg,
+        mcfg.inner_steps,
+        mcfg.inner_lr,
+        create_graph=True,
+        first_order=first_order,
+        keep_all=multi,
+    )
+    if multi:
+        history = history[1:]
+        first = 1
+    else:
+        first = mcfg.inner_steps
+    return [forward_tasks(w, tasks.xq, cfg, step=first + i) for i, w in enumerate(history)]
+
+
+def _query_logits_loop(
+    params: Params, tasks: TaskBatch, cfg: ConvNetConfig, mcfg: MAMLConfig, first_order: bool
+) -> list[Tensor]:
+    """The per-task loop: same outputs as ``_query_logits_batched``, one task at a time."""
+    multi = mcfg.multi_step_loss and mcfg.inner_steps > 1
+    first = 1 if multi else mcfg.inner_steps
+    per_task = []
+    for t in range(tasks.xs.shape[0]):
+        history = adapt_history(
+            params,
+            tasks.xs[t],
+            tasks.ys[t],
+            cfg,
+            mcfg.inner_steps,
+            mcfg.inner_lr,
+            create_graph=True,
+            first_order=first_order,
+        )
+        per_task.append(
+            [
+                forward(w, tasks.xq[t], cfg, step=s)
+                for s, w in enumerate(history[first:], start=first)
+            ]
+        )
+    return [torch.stack(step_logits) for step_logits in zip(*per_task, strict=True)]
+
+
+@torch.no_grad()
+def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.argmax(-1) == y).to(logits.dtype).mean(dim=-1)
+
+
+def evaluate_tasks(
+    params: Params,
+    tasks: TaskBatch,
+    model_cfg: ConvNetConfig,
+    steps: int,
+    lr: float,
+    bn: Literal["transductive", "support"] = "transductive",
+    *,
+    curve: bool = False,
+) -> Tensor:
+    """Test-time adaptation: per-task query accuracy after ``steps`` inner steps, all tasks in one
+    batched pass and no meta-gradient.
+
+    ``bn="transductive"`` scores the query with its own batch statistics (the paper's protocol);
+    ``bn="support"`` freezes the statistics of the support set under the adapted weights, so each
+    query image is classified independently of the others (the deployable protocol). Returns
+    [T], or [T, steps + 1] with ``curve=True`` (accuracy after 0..steps updates).
+    """
+    if bn not in ("transductive", "support"):
+        raise ValueError(f"unknown bn protocol {bn!r}: expected 'transductive' or 'support'")
+    n_tasks, batch = tasks.ys.shape
+    names = adapted_names(params)
+    lrs = {k: v.detach() for k, v in params.items() if k.startswith(LR_PREFIX)}
+    fast = {k: v.detach() for k, v in expand_params(params, n_tasks).items()}
+    accs = []
+    for s in range(steps + 1):
+        if curve or s == steps:
+            with torch.no_grad():
+                stats = (
+                    None
+                    if bn == "transductive"
+                    else batch_stats_tasks(fast, tasks.xs, model_cfg, step=s)
+                )
+                accs.append(
+                    _accuracy(forward_tasks(fast, tasks.xq, model_cfg, stats, step=s), tasks.yq)
+                )
+        if s == steps:
+            break
+        with torch.enable_grad():
+            leaves = {n: fast[n].clone().requires_grad_(True) for n in names}
+            logits = forward_tasks({**fast, **leaves}, tasks.xs, model_cfg, step=s)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), tasks.ys.reshape(-1), reduction="sum"
+            )
+            grads = torch.autograd.grad(loss / batch, [leaves[n] for n in names])
+        fast = _sgd_step(fast, names, grads, lrs, s, lr)
+    return torch.stack(accs, dim=1) if curve else accs[-1]
+
+
+def cosine_meta_lr(iteration: int, total_iters: int, base_lr: float, min_lr: float = 0.0) -> float:
+    """MAML++ cosine annealing of the outer (Adam) lr: base_lr at 0, min_lr at total_iters."""
+    frac = min(max(iteration / max(total_iters, 1), 0.0), 1.0)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * frac))
+
+
+def clip_meta_grad(params: Params, max_norm: float | None) -> Tensor:
+    """Clip the meta-gradient in place to global norm ``max_norm`` (None: no clipping); returns
+    the norm before clipping as a tensor (no sync) for logging."""
+    grads = [p for p in params.values() if p.grad is not None]
+    if max_norm is None:
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])
+        )
+    return torch.nn.utils.clip_grad_norm_(grads, max_norm)

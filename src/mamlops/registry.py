@@ -1,0 +1,106 @@
+"""Put an exported ONNX classifier into the MLflow model registry under an alias.
+
+Aliases (``models:/NAME@champion``) rather than stages, which MLflow 3 deprecates. The model is
+logged with a tensor signature [-1, C, H, W] float32 and a one-image input example, so
+``mlflow models serve -m models:/NAME@ALIAS --env-manager local`` accepts a JSON body
+``{"inputs": [[[[...]]]]}`` and answers ``{"predictions": {"probabilities": [[...]]}}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from mamlops import tracking
+
+DEFAULT_ALIAS = "champion"
+
+
+@contextlib.contextmanager
+def _tracking_at(uri: str) -> Iterator[None]:
+    """Point the fluent API at ``uri`` for the block only, so callers' settings survive."""
+    previous = mlflow.get_tracking_uri()  # never "": that would mean a ./mlruns file store
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _example(meta: dict[str, str]) -> np.ndarray:
+    """A blank image in model input layout; blank because the example is stored in the run."""
+    c, s = int(meta["channels"]), int(meta["input_size"])
+    return np.zeros((1, c, s, s), dtype=np.float32)
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def log_and_register(
+    onnx_path: str | Path,
+    model_name: str,
+    alias: str = DEFAULT_ALIAS,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    experiment: str = tracking.EXPERIMENT,
+    artifact_location: str | None = None,
+) -> ModelVersion:
+    """Log ``onnx_path`` to a run (``run_id`` or a new one), register it, point ``alias`` at it.
+
+    ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI`` or ``sqlite:///<repo>/mlflow.db``;
+    ``artifact_location`` only applies when the experiment has to be created.
+    Returns the new registered model version (with the alias set).
+    """
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "labels" not in meta:
+        raise ValueError(f"{onnx_path}: not a mamlops ONNX export (no 'labels' metadata)")
+    import onnxruntime as ort
+
+    example = _example(meta)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    output = session.run(None, {session.get_inputs()[0].name: example})[0]
+    signature = infer_signature(example, output)
+    uri = tracking_uri or tracking.tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with _tracking_at(uri):
+        exp_id = None if run_id else _experiment_id(client, experiment, artifact_location)
+        with mlflow.start_run(run_id=run_id, experiment_id=exp_id) as run:
+            mlflow.set_tags(
+                {
+                    "mamlops.labels": meta["labels"],
+                    "mamlops.meta_model_sha256": meta.get("meta_model_sha256", ""),
+                    "mamlops.dataset": meta.get("dataset", ""),
+                }
+            )
+            info = mlflow.onnx.log_model(
+                model,
+                name="classifier",
+                signature=signature,
+                input_example=example,
+                save_as_external_data=False,
+                registered_model_name=model_name,
+            )
+        version = str(info.registered_model_version)
+        client.set_registered_model_alias(model_name, alias, version)
+        client.set_model_version_tag(model_name, version, "labels", meta["labels"])
+        client.set_model_version_tag(model_name, version, "source_file", str(onnx_path.resolve()))
+        client.set_model_version_tag(model_name, version, "run_id", run.info.run_id)
+        client.set_model_version_tag(
+            model_name, version, "params", json.dumps(json.loads(meta.get("params", "{}")))
+        )
+        return client.get_model_version(model_name, version)

@@ -1,0 +1,141 @@
+"""Results table: this project's test accuracies next to the MAML paper's, into the README.
+
+Reads metrics/eval/<setting>.json (written by the evaluate stage) and, when present,
+metrics/train/<setting>.json, and renders one markdown row per setting. ``main`` rewrites the
+README between the two markers below, so the numbers in the README are always the ones the
+pipeline produced and never typed by hand.
+
+    python -m mamlops.report                    # print the table
+    python -m mamlops.report --readme README.md # rewrite the README section
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+START = "<!-- results:start -->"
+END = "<!-- results:end -->"
+
+# MAML paper (Finn et al. 2017), Table 1 and 2: accuracy, 95% CI, transductive BN, 600 tasks.
+PAPER: dict[tuple[str, int, int], tuple[float, float]] = {
+    ("omniglot", 5, 1): (98.7, 0.4),
+    ("omniglot", 5, 5): (99.9, 0.1),
+    ("omniglot", 20, 1): (95.8, 0.3),
+    ("omniglot", 20, 5): (98.9, 0.2),
+    ("miniimagenet", 5, 1): (48.70, 1.84),
+    ("miniimagenet", 5, 5): (63.11, 0.92),
+}
+
+
+class ReportError(ValueError):
+    """Metrics or README cannot be used as they are; the message says what to do."""
+
+
+def load_results(metrics_dir: str | Path = "metrics") -> list[dict[str, Any]]:
+    """One dict per evaluated setting: eval metrics, plus ``train`` metrics when present."""
+    metrics_dir = Path(metrics_dir)
+    rows = []
+    for path in sorted((metrics_dir / "eval").glob("*.json")):
+        data = json.loads(path.read_text())
+        data["setting"] = path.stem
+        train = metrics_dir / "train" / path.name
+        data["train"] = json.loads(train.read_text()) if train.is_file() else {}
+        rows.append(data)
+    return rows
+
+
+def _pct(acc: float, ci: float) -> str:
+    return f"{100 * acc:.2f} ± {100 * ci:.2f}"
+
+
+def _train_time(train: dict[str, Any]) -> str:
+    seconds = train.get("train_seconds")
+    if not isinstance(seconds, int | float):
+        return "–"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def render_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table; an explanatory line when nothing has been evaluated yet."""
+    if not results:
+        return "_No evaluated settings yet: run `dvc repro` (metrics/eval/ is empty)._"
+    lines = [
+        "| Setting | Task | Accuracy % (transductive BN) | Accuracy % (support BN) "
+        "| MAML paper % | Test episodes | Inner steps | Iterations | Train time | Hardware |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        key = (r.get("dataset"), r.get("ways"), r.get("shots"))
+        paper = PAPER.get(key)  # type: ignore[arg-type]
+        paper_s = f"{paper[0]:.2f} ± {paper[1]:.2f}" if paper else "–"
+        task = f"{r.get('dataset')} {r.get('ways')}-way {r.get('shots')}-shot"
+        iters = f"{r.get('iterations')}"
+        if r.get("train_iterations") not in (None, r.get("iterations")):
+            iters += f" (best of {r['train_iterations']})"
+        lines.append(
+            f"| {r['setting']} | {task} "
+            f"| {_pct(r['acc_transductive'], r['ci95_transductive'])} "
+            f"| {_pct(r['acc_support'], r['ci95_support'])} "
+            f"| {paper_s} | {r.get('n')} | {r.get('steps')} | {iters} "
+            f"| {_train_time(r['train'])} | {r.get('hardware', '–')} |"
+        )
+    lines.append("")
+    lines.append(
+        "Mean query accuracy over the fixed test episodes with a 95% confidence interval "
+        "(1.96 × population std / √n, as in the paper's code). *Transductive BN* normalises the "
+        "query set with its own statistics (the paper's protocol, comparable to its column); "
+        "*support BN* freezes the support set's statistics, as the deployed classifier does. "
+        "Paper: Finn et al. 2017, Tables 1–2, trained 60,000 iterations on a GPU."
+    )
+    return "\n".join(lines)
+
+
+def replace_section(text: str, body: str, source: str = "README") -> str:
+    """``text`` with everything between the markers replaced by ``body`` (markers kept)."""
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
+    if len(pattern.findall(text)) != 1:
+        raise ReportError(
+            f"{source}: expected exactly one pair of markers '{START}' ... '{END}'; add them on "
+            "their own lines where the results table should go"
+        )
+    return pattern.sub(lambda _: f"{START}\n{body}\n{END}", text)
+
+
+def update_readme(readme: str | Path, body: str) -> Path:
+    """Rewrite the marked section of ``readme`` atomically (temp file + rename)."""
+    readme = Path(readme)
+    if not readme.is_file():
+        raise ReportError(f"{readme}: file not found")
+    new = replace_section(readme.read_text(), body, str(readme))
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, readme)
+    return readme
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mamlops.report", description=__doc__)
+    parser.add_argument("--metrics", default="metrics", help="folder with eval/ and train/")
+    parser.add_argument("--readme", help="rewrite this file's results section instead of printing")
+    args = parser.parse_args(argv)
+    table = render_table(load_results(args.metrics))
+    if args.readme:
+        try:
+            update_readme(args.readme, table)
+        except ReportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"updated {args.readme}")
+    else:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

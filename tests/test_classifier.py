@@ -1,0 +1,133 @@
+"""The adapted-classifier file: round trip, clear errors, frozen-BN prediction.
+
+Until training exists, the classifier is a randomly initialised network whose BN statistics
+come from real Omniglot support images: random weights, but a real, servable classifier.
+``build_classifier`` is reused by test_export.py and test_serve.py.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from mamlops import preprocess
+from mamlops.classifier import Classifier, ClassifierFileError
+from mamlops.model import ConvNetConfig, batch_stats, init_params, per_step_bn
+
+DATA = Path(os.environ.get("MAMLOPS_DATA_MIRROR", "/work/shared/data/omniglot"))
+ZIP = DATA / "images_evaluation.zip"
+WAYS = 5
+
+
+def omniglot_pngs(ways: int = WAYS, per_class: int = 3) -> list[list[bytes]]:
+    """PNG bytes of ``per_class`` drawings for each of the first ``ways`` characters."""
+    if not ZIP.is_file():
+        pytest.skip(f"{ZIP} not found")
+    with zipfile.ZipFile(ZIP) as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(".png"))
+        by_char: dict[str, list[str]] = {}
+        for name in names:
+            by_char.setdefault(name.rsplit("/", 1)[0], []).append(name)
+        chars = sorted(by_char)[:ways]
+        return [[zf.read(n) for n in by_char[c][:per_class]] for c in chars]
+
+
+def to_tensor(pngs: list[bytes]) -> torch.Tensor:
+    arrays = np.stack([preprocess.load_image(Image.open(io.BytesIO(b)), "omniglot") for b in pngs])
+    return torch.from_numpy(preprocess.to_float_numpy(arrays, "omniglot"))
+
+
+def build_classifier(seed: int = 0) -> tuple[Classifier, list[bytes]]:
+    """(classifier with support-set BN stats, held-out query PNGs)."""
+    pngs = omniglot_pngs()
+    support = to_tensor([imgs[0] for imgs in pngs])
+    queries = [b for imgs in pngs for b in imgs[1:]]
+    cfg = ConvNetConfig.for_dataset("omniglot", WAYS)
+    params = init_params(cfg, torch.Generator().manual_seed(seed))
+    stats = batch_stats(params, support, cfg)
+    labels = [f"char{i}" for i in range(WAYS)]
+    provenance = {"seed": seed, "inner_steps": 0, "note": "random init, test fixture"}
+    return Classifier(params, stats, cfg, labels, "omniglot", "ab" * 32, provenance), queries
+
+
+@pytest.fixture(scope="module")
+def built() -> tuple[Classifier, list[bytes]]:
+    return build_classifier()
+
+
+def test_round_trip(built, tmp_path: Path) -> None:
+    clf, queries = built
+    path = clf.save(tmp_path / "clf.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf.safetensors"]  # no temp left
+    back = Classifier.load(path)
+    assert back.labels == clf.labels and back.dataset == clf.dataset
+    assert back.model_cfg == clf.model_cfg and back.provenance == clf.provenance
+    assert back.meta_model_sha256 == clf.meta_model_sha256
+    for k, v in clf.params.items():
+        assert torch.equal(back.params[k], v), k
+    x = to_tensor(queries)
+    assert torch.equal(back.predict_proba(x), clf.predict_proba(x))
+
+
+def test_frozen_bn_makes_images_independent(built) -> None:
+    clf, queries = built
+    x = to_tensor(queries)
+    together = clf.predict_proba(x)
+    alone = torch.cat([clf.predict_proba(x[i : i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(alone, together, atol=1e-6, rtol=0)
+    torch.testing.assert_close(together.sum(-1), torch.ones(len(x)))
+
+
+def test_per_step_bn_and_lr_keys_are_reduced(built) -> None:
+    clf, _ = built
+    params = per_step_bn(clf.params, steps=3)
+    params["bn0.weight"][-1] *= 2.0
+    params["lr.conv0.weight"] = torch.tensor(0.1)
+    reduced = Classifier(params, clf.bn_stats, clf.model_cfg, clf.labels, "omniglot", "0", {})
+    assert "lr.conv0.weight" not in reduced.params
+    assert torch.equal(reduced.params["bn0.weight"], clf.params["bn0.weight"] * 2.0)
+    first = Classifier(params, clf.bn_stats, clf.model_cfg, clf.labels, "omniglot", "0", bn_step=0)
+    assert torch.equal(first.params["bn0.weight"], clf.params["bn0.weight"])
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ClassifierFileError, match="not found"):
+        Classifier.load(tmp_path / "nope.safetensors")
+
+
+def test_not_safetensors(tmp_path: Path) -> None:
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"\x00\x01 definitely not a safetensors header")
+    with pytest.raises(ClassifierFileError, match="not a safetensors file"):
+        Classifier.load(path)
+
+
+def test_foreign_safetensors(tmp_path: Path) -> None:
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(3)}, str(path), metadata={"format": "pt"})
+    with pytest.raises(ClassifierFileError, match="not a mamlops classifier"):
+        Classifier.load(path)
+
+
+def test_shape_mismatch(built, tmp_path: Path) -> None:
+    clf, _ = built
+    tensors = clf.tensors()
+    tensors["head.weight"] = torch.zeros(3, clf.model_cfg.feature_dim)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=clf.metadata())
+    with pytest.raises(ClassifierFileError, match="head.weight has shape"):
+        Classifier.load(path)
+
+
+def test_labels_must_match_ways(built) -> None:
+    clf, _ = built
+    with pytest.raises(ClassifierFileError, match="labels"):
+        Classifier(clf.params, clf.bn_stats, clf.model_cfg, ["a"], "omniglot", "0", {})

@@ -1,0 +1,133 @@
+"""Meta-test on a briefly trained model: accuracy, CI, both BN protocols, determinism, figures."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mamlops.episodes import episode_tasks, load_episodes
+from mamlops.evaluate import evaluate_setting, mean_ci95, predict_tasks
+from mamlops.figures import episode_grid, steps_rows, write_steps_csv
+from mamlops.train import load_theta
+
+N_EPISODES = 100
+
+
+def test_ci95_is_paper_formula_with_population_std() -> None:
+    mean, ci = mean_ci95([0.0, 1.0])
+    assert mean == pytest.approx(0.5)
+    assert ci == pytest.approx(1.96 * 0.5 / math.sqrt(2))  # population std of {0, 1} is 0.5
+    accs = np.random.default_rng(0).uniform(0.6, 1.0, size=600)
+    mean, ci = mean_ci95(accs.tolist())
+    assert mean == pytest.approx(accs.mean())
+    assert ci == pytest.approx(1.96 * np.std(accs) / math.sqrt(600))  # np.std: ddof=0
+    assert mean_ci95([0.7] * 5) == (pytest.approx(0.7), 0.0)
+    with pytest.raises(ValueError):
+        mean_ci95([])
+
+
+@pytest.fixture(scope="module")
+def theta(trained_theta):
+    params, _ = load_theta(trained_theta.path)
+    return params
+
+
+@pytest.fixture(scope="module")
+def result(theta, trained_theta) -> dict:
+    return evaluate_setting(theta, trained_theta.cfg, trained_theta.prepared, limit=N_EPISODES)
+
+
+def test_beats_chance_on_real_test_episodes(result: dict, trained_theta) -> None:
+    steps = trained_theta.cfg.test_inner_steps
+    assert result["n"] == N_EPISODES and result["steps"] == steps
+    for protocol in ("transductive", "support"):
+        r = result[protocol]
+        assert r["acc"] > 0.5, (protocol, r)  # chance is 0.2 for 5-way
+        assert 0 < r["ci95"] < 0.1
+        assert len(r["curve"]) == steps + 1
+        assert r["curve"][-1] == pytest.approx(r["acc"])
+        assert r["curve"][0] < 0.35  # before adaptation the head knows no labels
+
+
+def test_protocols_are_both_reported_and_differ(result: dict) -> None:
+    trans, supp = result["transductive"], result["support"]
+    assert trans["curve"] != supp["curve"]
+    assert abs(trans["acc"] - supp["acc"]) < 0.15  # different statistics, same model
+
+
+def test_deterministic(theta, trained_theta) -> None:
+    a = evaluate_setting(theta, trained_theta.cfg, trained_theta.prepared, limit=10, batch=5)
+    b = evaluate_setting(theta, trained_theta.cfg, trained_theta.prepared, limit=10, batch=5)
+    assert a == b
+
+
+def test_episode_grid_and_steps_csv(theta, trained_theta, result: dict, tmp_path) -> None:
+    cfg = trained_theta.cfg
+    episodes = load_episodes(trained_theta.prepared, "test", cfg.ways, cfg.shots)
+    tasks = episode_tasks(trained_theta.prepared, episodes, 0, 3)
+    preds = predict_tasks(theta, tasks, cfg.model_cfg, cfg.test_inner_steps, cfg.inner_lr)
+    assert preds.shape == tasks.yq.shape
+    assert (preds == tasks.yq).float().mean() > 0.4
+    png = episode_grid(tasks, preds, tmp_path / "grid.png", episodes=2, title="test")
+    with Image.open(png) as im:
+        im.load()
+        assert im.format == "PNG" and im.width > 300 and im.height > 300
+
+    path = write_steps_csv(steps_rows(result), tmp_path / "steps.csv")
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == list(range(cfg.test_inner_steps + 1))
+    assert float(rows[-1]["acc_support"]) == pytest.approx(result["support"]["acc"], abs=1e-6)
+
+
+def _write_metrics(root, setting: str, **extra) -> None:
+    import json
+
+    data = {
+        "acc_transductive": 0.951,
+        "ci95_transductive": 0.006,
+        "acc_support": 0.94,
+        "ci95_support": 0.007,
+        "n": 600,
+        "steps": 10,
+        "iterations": 2250,
+        "train_iterations": 2500,
+        "dataset": "omniglot",
+        "ways": 5,
+        "shots": 1,
+        "hardware": "CPU test",
+        **extra,
+    }
+    (root / "eval").mkdir(parents=True, exist_ok=True)
+    (root / "eval" / f"{setting}.json").write_text(json.dumps(data))
+
+
+def test_report_table_and_readme(tmp_path) -> None:
+    from mamlops import report
+
+    metrics = tmp_path / "metrics"
+    _write_metrics(metrics, "omniglot-5w1s")
+    (metrics / "train").mkdir()
+    (metrics / "train" / "omniglot-5w1s.json").write_text('{"train_seconds": 1200}')
+    table = report.render_table(report.load_results(metrics))
+    row = next(line for line in table.splitlines() if line.startswith("| omniglot-5w1s"))
+    assert "95.10 ± 0.60" in row and "94.00 ± 0.70" in row and "98.70 ± 0.40" in row
+    assert "2250 (best of 2500)" in row and "20 min" in row and "CPU test" in row
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{report.START}\nold\n{report.END}\ntail\n")
+    assert report.main(["--metrics", str(metrics), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "95.10 ± 0.60" in text and text.endswith(f"{report.END}\ntail\n")
+    assert report.main(["--metrics", str(metrics), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text  # idempotent
+
+    readme.write_text("# no markers\n")
+    with pytest.raises(report.ReportError, match="markers"):
+        report.update_readme(readme, table)
+    assert report.main(["--metrics", str(metrics), "--readme", str(readme)]) == 2
+    assert readme.read_text() == "# no markers\n"

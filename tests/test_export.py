@@ -1,0 +1,134 @@
+"""ONNX export: BN folding is exact, the file is valid and self-describing, onnxruntime agrees
+with PyTorch (atol 1e-5 on probabilities and logits), and the ONNX path never imports torch."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+from test_classifier import build_classifier, to_tensor
+
+from mamlops.classifier import Classifier
+from mamlops.export import DEFAULT_OPSET, export_onnx, folded_module
+from mamlops.model import ConvNetConfig, batch_stats, forward, init_params
+from mamlops.onnx_predict import OnnxClassifier
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Classifier, list[bytes], Path]:
+    clf, queries = build_classifier()
+    path = export_onnx(clf, tmp_path_factory.mktemp("onnx") / "omni.onnx")
+    return clf, queries, path
+
+
+def _random_classifier(dataset: str, ways: int) -> Classifier:
+    cfg = ConvNetConfig.for_dataset(dataset, ways)
+    gen = torch.Generator().manual_seed(1)
+    params = init_params(cfg, gen)
+    for i in range(4):  # non-trivial BN affine so folding is really exercised
+        params[f"bn{i}.weight"] = torch.rand(cfg.hidden, generator=gen) + 0.5
+        params[f"bn{i}.bias"] = torch.randn(cfg.hidden, generator=gen) * 0.1
+    support = torch.rand(ways * 2, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen)
+    stats = batch_stats(params, support, cfg)
+    labels = [str(i) for i in range(ways)]
+    return Classifier(params, stats, cfg, labels, dataset, "0" * 64, {})
+
+
+@pytest.mark.parametrize("dataset", ["omniglot", "miniimagenet"])
+def test_folding_matches_forward(dataset: str) -> None:
+    clf = _random_classifier(dataset, 5)
+    cfg = clf.model_cfg
+    x = torch.rand(6, cfg.in_channels, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        want = forward(clf.params, x, cfg, clf.bn_stats)
+        got = folded_module(clf).logits(x)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
+
+
+def test_onnx_file_is_valid_and_described(exported) -> None:
+    clf, _, path = exported
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no .data sidecar
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert {o.domain: o.version for o in model.opset_import}[""] == DEFAULT_OPSET
+    assert "BatchNormalization" not in {n.op_type for n in model.graph.node}
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["labels"]) == clf.labels
+    assert meta["input_size"] == "28" and meta["channels"] == "1"
+    assert json.loads(meta["normalisation"])["scale"] == "1 - x / 255"
+    assert meta["meta_model_sha256"] == clf.meta_model_sha256
+    assert json.loads(meta["params"]) == clf.provenance
+    assert meta["opset"] == str(DEFAULT_OPSET) and meta["mamlops_version"]
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_onnxruntime_matches_torch(exported, batch: int) -> None:
+    clf, queries, path = exported
+    x = to_tensor((queries * 2)[:batch])
+    got = OnnxClassifier(path).predict_array(x.numpy())
+    want = clf.predict_proba(x).numpy()
+    assert got.shape == (batch, 5)
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def test_single_image_same_alone_and_in_batch(exported) -> None:
+    _, queries, path = exported
+    onx = OnnxClassifier(path)
+    images = [Image.open(io.BytesIO(b)) for b in queries]
+    batch = onx.predict_images(images, top_k=3)
+    for image, pred in zip(images, batch, strict=True):
+        alone = onx.predict_images([image], top_k=3)[0]
+        assert alone["label"] == pred["label"]
+        assert [t["label"] for t in alone["top_k"]] == [t["label"] for t in pred["top_k"]]
+        assert abs(alone["probability"] - pred["probability"]) < 1e-6
+
+
+def test_predict_images_matches_torch_from_paths(exported, tmp_path: Path) -> None:
+    clf, queries, path = exported
+    files = []
+    for i, data in enumerate(queries[:4]):
+        files.append(tmp_path / f"q{i}.png")
+        files[-1].write_bytes(data)
+    preds = OnnxClassifier(path).predict_images(files, top_k=2)
+    probs = clf.predict_proba(to_tensor(queries[:4])).numpy()
+    for pred, row in zip(preds, probs, strict=True):
+        assert pred["label"] == clf.labels[int(row.argmax())]
+        assert abs(pred["probability"] - float(row.max())) < ATOL
+        assert len(pred["top_k"]) == 2 and pred["top_k"][0]["label"] == pred["label"]
+        assert abs(sum(pred["probabilities"].values()) - 1.0) < 1e-5
+
+
+def test_miniimagenet_export_runs_in_onnxruntime(tmp_path: Path) -> None:
+    clf = _random_classifier("miniimagenet", 5)
+    path = export_onnx(clf, tmp_path / "mini.onnx")
+    x = torch.rand(3, 3, 84, 84)
+    got = OnnxClassifier(path).predict_array(x.numpy())
+    np.testing.assert_allclose(got, clf.predict_proba(x).numpy(), atol=ATOL, rtol=0)
+
+
+def test_onnx_predict_path_never_imports_torch(exported) -> None:
+    _, queries, path = exported
+    image = path.parent.parent / "probe.png"
+    image.write_bytes(queries[0])
+    code = (
+        "import sys\n"
+        "from mamlops.onnx_predict import OnnxClassifier\n"
+        f"preds = OnnxClassifier({str(path)!r}).predict_images([{str(image)!r}], top_k=2)\n"
+        "assert preds[0]['label'], preds\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False", "torch was imported on the ONNX path"

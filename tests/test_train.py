@@ -1,0 +1,197 @@
+"""Meta-training loop: params checks, determinism, a real kill + bitwise resume, NaN handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mamlops import maml
+from mamlops import train as train_mod
+from mamlops.params import ParamsError
+from mamlops.train import NonFiniteLossError, TrainConfig, train, write_history
+
+TINY = {
+    "dataset": "omniglot",
+    "ways": 5,
+    "shots": 1,
+    "query": 2,
+    "meta_batch": 2,
+    "inner_lr": 0.4,
+    "inner_steps": 1,
+    "test_inner_steps": 2,
+    "meta_lr": 0.001,
+    "iterations": 12,
+    "val_every": 6,
+    "val_episodes": 4,
+    "checkpoint_every": 3,
+    "log_every": 3,
+    "device": "cpu",
+}
+
+
+def tiny_params(**overrides) -> dict:
+    return {"train": {"common": {"seed": 3}, "presets": {"tiny": {**TINY, **overrides}}}}
+
+
+def tiny_cfg(**overrides) -> TrainConfig:
+    return TrainConfig.from_params(tiny_params(**overrides), "tiny")
+
+
+def test_params_errors_name_the_key() -> None:
+    with pytest.raises(ParamsError, match="train.presets has no setting 'nope'"):
+        TrainConfig.from_params(tiny_params(), "nope")
+    with pytest.raises(ParamsError, match=r"tiny\.ways must be a positive integer"):
+        tiny_cfg(ways=0)
+    with pytest.raises(ParamsError, match=r"tiny\.meta_lr must be a positive number"):
+        tiny_cfg(meta_lr=-1.0)
+    with pytest.raises(ParamsError, match=r"unknown key\(s\) \['metabatch'\]"):
+        tiny_cfg(metabatch=3)
+    with pytest.raises(ParamsError, match=r"tiny\.dataset must be one of"):
+        tiny_cfg(dataset="cifar")
+    params = tiny_params()
+    del params["train"]["presets"]["tiny"]["iterations"]
+    with pytest.raises(ParamsError, match=r"missing \['iterations'\]"):
+        TrainConfig.from_params(params, "tiny")
+
+
+def test_repo_presets_are_valid(repo_params: dict) -> None:
+    for name in repo_params["train"]["presets"]:
+        cfg = TrainConfig.from_params(repo_params, name)
+        assert cfg.name == name
+    for name in repo_params["train"]["settings"]:
+        assert name in repo_params["train"]["presets"]
+
+
+def test_same_seed_same_theta(omniglot_prepared: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(iterations=6)
+    a = train(cfg, omniglot_prepared, tmp_path / "a", tmp_path / "ca", progress=False)
+    b = train(cfg, omniglot_prepared, tmp_path / "b", tmp_path / "cb", progress=False)
+    ta = load_file(str(tmp_path / "a" / "theta.safetensors"))
+    tb = load_file(str(tmp_path / "b" / "theta.safetensors"))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+    def strip(history):  # throughput is wall-clock, everything else must repeat exactly
+        return [{k: v for k, v in r.items() if k != "tasks_per_s"} for r in history]
+
+    assert strip(a.history) == strip(b.history)
+    c = train(
+        tiny_cfg(iterations=6, seed=4),
+        omniglot_prepared,
+        tmp_path / "c",
+        tmp_path / "cc",
+        progress=False,
+    )
+    tc = load_file(str(tmp_path / "c" / "theta.safetensors"))
+    assert not torch.equal(ta["head.weight"], tc["head.weight"])
+    assert c.step == 6
+
+
+def test_history_tsv_for_dvc_plots(omniglot_prepared: Path, tmp_path: Path) -> None:
+    result = train(
+        tiny_cfg(iterations=6), omniglot_prepared, tmp_path, tmp_path / "ck", progress=False
+    )
+    write_history(result.history, tmp_path / "h.tsv")
+    lines = (tmp_path / "h.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == list(train_mod.HISTORY_COLUMNS)
+    rows = [dict(zip(lines[0].split("\t"), line.split("\t"), strict=True)) for line in lines[1:]]
+    assert [r["step"] for r in rows] == ["3", "6"]
+    assert rows[1]["val_acc"] != "" and 0.0 <= float(rows[1]["val_acc"]) <= 1.0
+    assert float(rows[0]["loss"]) > 0
+
+
+RUNNER = """
+import sys, json
+from pathlib import Path
+from mamlops.train import TrainConfig, train
+params = json.loads(sys.argv[1])
+cfg = TrainConfig.from_params(params, "tiny")
+train(cfg, Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), progress=False)
+"""
+
+
+def test_killed_run_resumes_to_the_same_theta(omniglot_prepared: Path, tmp_path: Path) -> None:
+    """SIGKILL a real training process after its first checkpoint, rerun, compare bitwise."""
+    params = tiny_params(iterations=60, checkpoint_every=5, val_every=30, log_every=5)
+    cfg = TrainConfig.from_params(params, "tiny")
+    ck = tmp_path / "ck"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            RUNNER,
+            json.dumps(params),
+            str(omniglot_prepared),
+            str(tmp_path / "killed"),
+            str(ck),
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while not (ck / train_mod.CHECKPOINT).exists():
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = torch.load(ck / train_mod.CHECKPOINT, weights_only=True)["step"]
+    assert 0 < killed_at < 60
+    assert not (tmp_path / "killed" / "theta.safetensors").exists()
+
+    resumed = train(cfg, omniglot_prepared, tmp_path / "killed", ck, progress=False)
+    assert resumed.resumed_from == killed_at
+    straight = train(
+        cfg, omniglot_prepared, tmp_path / "straight", tmp_path / "ck2", progress=False
+    )
+    a = load_file(str(tmp_path / "killed" / "theta.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "theta.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert resumed.best_val_acc == straight.best_val_acc
+
+
+def test_resume_refuses_other_params(omniglot_prepared: Path, tmp_path: Path) -> None:
+    train(tiny_cfg(iterations=3), omniglot_prepared, tmp_path, tmp_path / "ck", progress=False)
+    with pytest.raises(ValueError, match="other train params"):
+        train(
+            tiny_cfg(iterations=3, inner_lr=0.3),
+            omniglot_prepared,
+            tmp_path,
+            tmp_path / "ck",
+            progress=False,
+        )
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(
+    omniglot_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_cfg(iterations=9)
+    ck = tmp_path / "ck"
+    train(cfg, omniglot_prepared, tmp_path, ck, progress=False, stop_after=3)
+    before = torch.load(ck / train_mod.CHECKPOINT, weights_only=True)
+    assert before["step"] == 3
+
+    real = maml.meta_loss
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        nan = loss * float("nan")
+        return nan, {**metrics, "loss": nan.detach()}
+
+    monkeypatch.setattr(train_mod.maml, "meta_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="iteration 4.*last good checkpoint"):
+        train(cfg, omniglot_prepared, tmp_path, ck, progress=False)
+    after = torch.load(ck / train_mod.CHECKPOINT, weights_only=True)
+    assert after["step"] == 3
+    for k, v in before["params"].items():
+        assert torch.equal(v, after["params"][k])
+        assert torch.isfinite(after["params"][k]).all()
