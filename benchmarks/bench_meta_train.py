@@ -115,15 +115,22 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
 def count_flops(step: Callable[[], None]) -> int:
     """FLOPs of one iteration (forward, inner backward, outer backward) as FlopCounterMode sees
     them. Counted on the per-task loop only: every implementation does the same arithmetic, and
-    the counter miscounts grouped/batched forms (it overcounts grouped conv backward by ~T)."""
+    FlopCounterMode overcounts grouped conv backward (about T times here)."""
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
 
 
-def grouped_conv(h: torch.Tensor, w: torch.Tensor, stride: int) -> torch.Tensor:
-    """The batched strategy with oneDNN's grouped conv instead of unfold + bmm (for the docs)."""
-    return F.conv2d(h, w.reshape(-1, *w.shape[2:]), stride=stride, padding=1, groups=w.shape[0])
+def bmm_conv(h: torch.Tensor, w: torch.Tensor, stride: int) -> torch.Tensor:
+    """Alternative to model._task_conv's grouped conv: im2col + one bmm over tasks."""
+    batch, _, height, width = h.shape
+    n_tasks, c_out, c_in = w.shape[:3]
+    h_out, w_out = (height - 1) // stride + 1, (width - 1) // stride + 1
+    cols = F.unfold(h, 3, padding=1, stride=stride).view(batch, n_tasks, c_in * 9, -1)
+    cols = cols.permute(1, 2, 0, 3).reshape(n_tasks, c_in * 9, -1)
+    out = torch.bmm(w.reshape(n_tasks, c_out, c_in * 9), cols)
+    out = out.view(n_tasks, c_out, batch, h_out, w_out).permute(2, 0, 1, 3, 4)
+    return out.reshape(batch, n_tasks * c_out, h_out, w_out)
 
 
 def with_conv(conv: Callable, step: Callable[[], None]) -> Callable[[], None]:
@@ -146,13 +153,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="alternating blocks per implementation")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--no-higher", action="store_true")
-    ap.add_argument(
-        "--grouped-conv", action="store_true", help="also time batched with F.conv2d(groups=T)"
-    )
+    ap.add_argument("--bmm-conv", action="store_true", help="also time batched with unfold+bmm")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = ConvNetConfig.for_dataset("omniglot", 5)
     tasks = make_tasks(cfg, args.meta_batch, shots=1, queries=args.query)
     base = MAMLConfig(inner_lr=0.4, inner_steps=1, first_order=False)
@@ -162,9 +170,9 @@ def main() -> None:
         f"mamlops ({chosen})": functional_step(cfg, base, tasks, bf16),
         "per-task loop": functional_step(cfg, MAMLConfig(strategy="loop"), tasks, bf16),
     }
-    if args.grouped_conv:
+    if args.bmm_conv:
         step = functional_step(cfg, MAMLConfig(strategy="batched"), tasks, bf16)
-        impls["batched, grouped conv"] = with_conv(grouped_conv, step)
+        impls["batched, unfold+bmm"] = with_conv(bmm_conv, step)
     if not args.no_higher and not bf16:
         with contextlib.suppress(ImportError):
             impls["higher 0.2.1"] = higher_step(cfg, base, tasks)

@@ -1,7 +1,9 @@
-"""DVC stage ``prepare``: raw Omniglot (and a user's miniImageNet) into prepared arrays.
+"""DVC stage ``prepare``: raw Omniglot (or a user's miniImageNet) into prepared arrays.
 
 Thin on purpose: the logic lives in ``mamlops.prepare`` where it is tested. Run from the
-repository root: ``python pipeline/prepare.py``. Params are checked before any work starts.
+repository root: ``python pipeline/prepare.py [omniglot|miniimagenet]`` (``dvc.yaml`` runs one
+stage per entry of ``prepare.datasets``; without an argument every listed data set is prepared).
+Params are checked before any work starts.
 """
 
 from __future__ import annotations
@@ -12,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from mamlops import params
-from mamlops.prepare import prepare_config, prepare_miniimagenet, prepare_omniglot
+from mamlops.prepare import DATASETS, prepare_config, prepare_miniimagenet, prepare_omniglot
 
-RAW = Path("data/raw/omniglot")
-OUT_OMNIGLOT = Path("data/prepared/omniglot")
-OUT_MINIIMAGENET = Path("data/prepared/miniimagenet")
+RAW_OMNIGLOT = Path("data/raw/omniglot")
+PREPARED = Path("data/prepared")
 
 
 def _print(summary: dict[str, Any], seconds: float) -> None:
@@ -28,25 +29,33 @@ def _print(summary: dict[str, Any], seconds: float) -> None:
     )
 
 
-def main() -> int:
-    """Validate ``prepare`` params, prepare Omniglot, then miniImageNet if configured."""
+def main(argv: list[str] | None = None) -> int:
+    """Validate ``prepare`` params, then prepare the named (or all listed) data sets."""
+    argv = sys.argv[1:] if argv is None else argv
     all_params = params.load()
     try:
         cfg = prepare_config(all_params)
         data = params.section(all_params, "data")
         mini_dir = params.require(data, "miniimagenet_dir", (str, type(None)), "data")
+        if len(argv) > 1 or (argv and argv[0] not in DATASETS):
+            raise params.ParamsError(f"usage: prepare.py [{'|'.join(DATASETS)}], got {argv}")
+        datasets = tuple(argv) or cfg.datasets
+        if "miniimagenet" in datasets and not mini_dir:
+            raise params.ParamsError(
+                "params.yaml: data.miniimagenet_dir is empty but miniimagenet is to be prepared "
+                "(prepare.datasets); point it at the images or drop miniimagenet"
+            )
     except params.ParamsError as exc:
         print(f"prepare: {exc}", file=sys.stderr)
         return 2
     try:
-        start = time.perf_counter()
-        _print(prepare_omniglot(RAW, OUT_OMNIGLOT, cfg), time.perf_counter() - start)
-        if mini_dir:
+        for dataset in datasets:
             start = time.perf_counter()
-            summary = prepare_miniimagenet(mini_dir, OUT_MINIIMAGENET, cfg)
+            if dataset == "omniglot":
+                summary = prepare_omniglot(RAW_OMNIGLOT, PREPARED / dataset, cfg)
+            else:
+                summary = prepare_miniimagenet(mini_dir, PREPARED / dataset, cfg)
             _print(summary, time.perf_counter() - start)
-        else:
-            print("miniimagenet: not configured (data.miniimagenet_dir is empty); skipped")
     except (FileNotFoundError, ValueError) as exc:
         print(f"prepare: {exc}", file=sys.stderr)
         return 1

@@ -74,11 +74,10 @@ def fetched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, di
 
 
 @pytest.fixture(autouse=True)
-def _drop_tmp_trees(request: pytest.FixtureRequest) -> Iterator[None]:
+def _drop_tmp_trees(tmp_path: Path) -> Iterator[None]:
     """Delete each test's tmp_path after it (extracted trees are large; see ``fetched``)."""
     yield
-    if "tmp_path" in request.fixturenames:
-        shutil.rmtree(request.getfixturevalue("tmp_path"), ignore_errors=True)
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def _leftovers(dest: Path) -> list[str]:

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mamlops.episodes import episode_tasks, load_episodes
@@ -38,7 +39,12 @@ def theta(trained_theta):
 
 @pytest.fixture(scope="module")
 def result(theta, trained_theta) -> dict:
-    return evaluate_setting(theta, trained_theta.cfg, trained_theta.prepared, limit=N_EPISODES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convs: one thread is faster on a busy 2-core machine
+    try:
+        return evaluate_setting(theta, trained_theta.cfg, trained_theta.prepared, limit=N_EPISODES)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_beats_chance_on_real_test_episodes(result: dict, trained_theta) -> None:
@@ -53,15 +59,15 @@ def test_beats_chance_on_real_test_episodes(result: dict, trained_theta) -> None
         assert r["curve"][0] < 0.35  # before adaptation the head knows no labels
 
 
-def test_protocols_are_both_reported_and_differ(result: dict) -> None:
+def test_both_protocols_differ(result: dict) -> None:
     trans, supp = result["transductive"], result["support"]
     assert trans["curve"] != supp["curve"]
     assert abs(trans["acc"] - supp["acc"]) < 0.15  # different statistics, same model
 
 
 def test_deterministic(theta, trained_theta) -> None:
-    a = evaluate_setting(theta, trained_theta.cfg, trained_theta.prepared, limit=10, batch=5)
-    b = evaluate_setting(theta, trained_theta.cfg, trained_theta.prepared, limit=10, batch=5)
+    a = evaluate_setting(theta, trained_theta.cfg, trained_theta.prepared, limit=4, batch=2)
+    b = evaluate_setting(theta, trained_theta.cfg, trained_theta.prepared, limit=4, batch=2)
     assert a == b
 
 
@@ -116,7 +122,7 @@ def test_report_table_and_readme(tmp_path) -> None:
     table = report.render_table(report.load_results(metrics))
     row = next(line for line in table.splitlines() if line.startswith("| omniglot-5w1s"))
     assert "95.10 ± 0.60" in row and "94.00 ± 0.70" in row and "98.70 ± 0.40" in row
-    assert "2250 (best of 2500)" in row and "20 min" in row and "CPU test" in row
+    assert "2250 of 2500 (best val)" in row and "20 min" in row and "CPU test" in row
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{report.START}\nold\n{report.END}\ntail\n")

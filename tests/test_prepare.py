@@ -157,6 +157,7 @@ def test_repo_params_are_valid(repo_params: dict) -> None:
         ("prepare.episodes.settings.0.shots", 0, "prepare.episodes.settings[0].shots"),
         ("prepare.episodes.settings", [], "prepare.episodes.settings"),
         ("prepare.miniimagenet.settings.0.ways", 20, "prepare.miniimagenet.settings[0].ways"),
+        ("prepare.datasets", ["cifar"], "prepare.datasets"),
     ],
 )
 def test_bad_params_name_the_key(repo_params: dict, path: str, value: object, named: str) -> None:
@@ -172,19 +173,35 @@ def test_ways_checked_against_the_chosen_split(repo_params: dict) -> None:
         validate_prepare_params(_with(p, "prepare.omniglot.split", "random"))
 
 
+@pytest.mark.parametrize(
+    ("path", "value", "argv"),
+    [
+        ("prepare.omniglot.split", "nope", []),
+        ("data.miniimagenet_dir", "", ["miniimagenet"]),
+        ("prepare.datasets", ["omniglot", "miniimagenet"], []),
+        ("data.miniimagenet_dir", "", ["cifar"]),
+    ],
+)
 def test_stage_fails_before_any_work(
-    repo_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    repo_params: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    path: str,
+    value: object,
+    argv: list[str],
 ) -> None:
     import yaml
 
-    bad = _with(repo_params, "prepare.omniglot.split", "nope")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_with(repo_params, path, value)))
     monkeypatch.chdir(tmp_path)
     spec = importlib.util.spec_from_file_location("stage_prepare", REPO / "pipeline/prepare.py")
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
-    assert stage.main() == 2
+    assert stage.main(argv) == 2
     assert not (tmp_path / "data").exists()
+    err = capsys.readouterr().err
+    assert ("usage" in err) if argv == ["cifar"] else (path.split(".")[-1] in err)
 
 
 def test_staged_dir_leaves_nothing_on_failure(tmp_path: Path) -> None:

@@ -184,10 +184,8 @@ def per_step_bn(params: Params, steps: int) -> Params:
 # Many tasks in one pass. Each task has its own (adapted) weights, so the tasks are folded into
 # the channel axis: images [T, B, C, H, W] become [B, T*C, H, W], a grouped convolution
 # (groups=T), and per-channel BatchNorm over (B, H, W) of that layout is exactly per-task
-# BatchNorm. The grouped conv itself is computed as im2col + one batched matmul over tasks
-# (``_task_conv``): on the 2-core CPU oneDNN's grouped conv backward and its double backward
-# (which PyTorch splits into one conv per group) measured about 1.7x slower than bmm, whose
-# first and second derivatives are again bmm. One call per layer instead of T keeps the
+# BatchNorm (im2col + one bmm over tasks was measured as an alternative and lost on the CPU,
+# see docs/performance.md). One call per layer instead of T keeps the
 # small-batch MAML workload off the Python and dispatch overhead that dominates a per-task
 # loop. Unlike torch.func.vmap this is ordinary autograd, so second-order gradients through
 # BatchNorm are exact (vmap's are not, functorch #534); tests check it in float64.
@@ -214,16 +212,8 @@ def _fold(x: Tensor) -> Tensor:
 
 def _task_conv(h: Tensor, w: Tensor, stride: int) -> Tensor:
     """3x3 conv, padding 1, of folded activations h [B, T*C, H, W] with per-task weights
-    w [T, C_out, C, 3, 3]; returns [B, T*C_out, H', W']. Same as ``F.conv2d(h, w.reshape(-1,
-    C, 3, 3), groups=T)``, computed as unfold + bmm (see the section comment)."""
-    batch, _, height, width = h.shape
-    n_tasks, c_out, c_in = w.shape[:3]
-    h_out, w_out = (height - 1) // stride + 1, (width - 1) // stride + 1
-    cols = F.unfold(h, 3, padding=1, stride=stride)  # [B, T*C*9, L], rows ordered (t, c, ky, kx)
-    cols = cols.view(batch, n_tasks, c_in * 9, -1).permute(1, 2, 0, 3)
-    out = torch.bmm(w.reshape(n_tasks, c_out, c_in * 9), cols.reshape(n_tasks, c_in * 9, -1))
-    out = out.view(n_tasks, c_out, batch, h_out, w_out).permute(2, 0, 1, 3, 4)
-    return out.reshape(batch, n_tasks * c_out, h_out, w_out)
+    w [T, C_out, C, 3, 3] as one grouped conv; returns [B, T*C_out, H', W']."""
+    return F.conv2d(h, w.reshape(-1, *w.shape[2:]), stride=stride, padding=1, groups=w.shape[0])
 
 
 def forward_tasks(

@@ -48,6 +48,7 @@ from mamlops.splits import (
     write_splits,
 )
 
+DATASETS = ("omniglot", "miniimagenet")
 OMNIGLOT_SETS = {"background": "images_background", "evaluation": "images_evaluation"}
 OMNIGLOT_CHARACTERS = 1623
 OMNIGLOT_IMAGES_PER_CLASS = 20
@@ -80,6 +81,7 @@ class PrepareConfig:
     miniimagenet_size: int
     miniimagenet_settings: tuple[tuple[int, int], ...]
     episodes: EpisodeConfig
+    datasets: tuple[str, ...] = ("omniglot",)
 
 
 def _positive(sec: dict[str, Any], key: str, where: str, minimum: int = 1) -> int:
@@ -134,6 +136,16 @@ def prepare_config(params: dict[str, Any]) -> PrepareConfig:
     mini = require(prep, "miniimagenet", dict, "prepare")
     ep = require(prep, "episodes", dict, "prepare")
 
+    datasets = tuple(prep.get("datasets", ["omniglot"]) or ())
+    if (
+        not datasets
+        or any(d not in DATASETS for d in datasets)
+        or len(set(datasets)) < len(datasets)
+    ):
+        raise ParamsError(
+            f"params.yaml: prepare.datasets must list some of {list(DATASETS)} once each, "
+            f"got {prep.get('datasets')!r}"
+        )
     split = require(om, "split", str, "prepare.omniglot")
     if split not in SCHEMES:
         raise ParamsError(
@@ -175,7 +187,7 @@ def prepare_config(params: dict[str, Any]) -> PrepareConfig:
         "miniImageNet, Ravi split",
     )
     return PrepareConfig(
-        split, split_seed, rotations, omniglot_size, mini_size, mini_settings, episodes
+        split, split_seed, rotations, omniglot_size, mini_size, mini_settings, episodes, datasets
     )
 
 

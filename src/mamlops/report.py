@@ -77,7 +77,7 @@ def render_table(results: list[dict[str, Any]]) -> str:
         task = f"{r.get('dataset')} {r.get('ways')}-way {r.get('shots')}-shot"
         iters = f"{r.get('iterations')}"
         if r.get("train_iterations") not in (None, r.get("iterations")):
-            iters += f" (best of {r['train_iterations']})"
+            iters += f" of {r['train_iterations']} (best val)"
         lines.append(
             f"| {r['setting']} | {task} "
             f"| {_pct(r['acc_transductive'], r['ci95_transductive'])} "
