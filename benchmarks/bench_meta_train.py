@@ -17,6 +17,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -54,6 +55,42 @@ def functional_step(cfg, mcfg, tasks, autocast: bool) -> Callable[[], None]:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss, _ = meta_loss(params, tasks, cfg, mcfg)
         loss.backward()
+        opt.step()
+
+    return step
+
+
+def plain_forward(params: dict, x: torch.Tensor, cfg: ConvNetConfig) -> torch.Tensor:
+    """Textbook functional net: BatchNorm written out as mean/var ops (autograd-friendly)."""
+    h = x
+    for i in range(N_BLOCKS):
+        h = F.conv2d(h, params[f"conv{i}.weight"], stride=2, padding=1)
+        mean = h.mean(dim=(0, 2, 3), keepdim=True)
+        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        h = (h - mean) * torch.rsqrt(var + 1e-5)
+        h = h * params[f"bn{i}.weight"][:, None, None] + params[f"bn{i}.bias"][:, None, None]
+        h = F.relu(h)
+    return F.linear(h.mean(dim=(2, 3)), params["head.weight"], params["head.bias"])
+
+
+def plain_loop_step(cfg, mcfg, tasks) -> Callable[[], None]:
+    """A plain per-task functional MAML loop, as one would first write it."""
+    params = {k: v.requires_grad_() for k, v in init_meta_params(cfg, mcfg).items()}
+    opt = torch.optim.Adam(params.values(), lr=1e-3)
+    n_tasks = tasks.xs.shape[0]
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for t in range(n_tasks):
+            fast = params
+            for _ in range(mcfg.inner_steps):
+                loss = F.cross_entropy(plain_forward(fast, tasks.xs[t], cfg), tasks.ys[t])
+                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+                pairs = zip(fast.items(), grads, strict=True)
+                fast = {k: v - mcfg.inner_lr * g for (k, v), g in pairs}
+            total = total + F.cross_entropy(plain_forward(fast, tasks.xq[t], cfg), tasks.yq[t])
+        (total / n_tasks).backward()
         opt.step()
 
     return step
@@ -163,21 +200,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = ConvNetConfig.for_dataset("omniglot", 5)
     tasks = make_tasks(cfg, args.meta_batch, shots=1, queries=args.query)
-    base = MAMLConfig(inner_lr=0.4, inner_steps=1, first_order=False)
+    base = MAMLConfig(inner_lr=0.4, inner_steps=1, first_order=False, strategy="auto")
     chosen = resolve_strategy("auto", "cpu")
     bf16 = args.dtype == "bf16"
+    other = "batched" if chosen == "loop" else "loop"
     impls: dict[str, Callable[[], None]] = {
         f"mamlops ({chosen})": functional_step(cfg, base, tasks, bf16),
-        "per-task loop": functional_step(cfg, MAMLConfig(strategy="loop"), tasks, bf16),
+        f"mamlops ({other})": functional_step(cfg, replace(base, strategy=other), tasks, bf16),
     }
+    if not bf16:
+        impls["plain per-task loop"] = plain_loop_step(cfg, base, tasks)
     if args.bmm_conv:
-        step = functional_step(cfg, MAMLConfig(strategy="batched"), tasks, bf16)
+        step = functional_step(cfg, replace(base, strategy="batched"), tasks, bf16)
         impls["batched, unfold+bmm"] = with_conv(bmm_conv, step)
     if not args.no_higher and not bf16:
         with contextlib.suppress(ImportError):
             impls["higher 0.2.1"] = higher_step(cfg, base, tasks)
 
-    flops = count_flops(impls["per-task loop"])
+    flops = count_flops(impls["mamlops (loop)"])
     for step in impls.values():  # warm-up
         step()
     times: dict[str, list[float]] = {name: [] for name in impls}

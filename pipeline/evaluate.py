@@ -3,7 +3,7 @@
 Reads params.yaml (`evaluate`, `train.common`, `train.presets.<setting>`), loads
 models/<setting>/theta_best.safetensors (or theta.safetensors with `evaluate.checkpoint: final`)
 and writes metrics/eval/<setting>.json, plots/eval/<setting>_steps.csv and
-plots/eval/<setting>_episodes.png. The same numbers and both plots go to MLflow on the training
+plots/episodes/<setting>.png. The same numbers and both plots go to MLflow on the training
 run (id in models/<setting>/mlflow_run_id), so one run holds the whole story of a model; without
 that file a new run is made, tagged with the setting.
 """
@@ -123,7 +123,7 @@ def main(setting: str) -> None:
     write_json(Path("metrics/eval") / f"{setting}.json", metrics)
     rows = steps_rows(result)
     csv_path = write_steps_csv(rows, Path("plots/eval") / f"{setting}_steps.csv")
-    png_path = Path("plots/eval") / f"{setting}_episodes.png"
+    png_path = Path("plots/episodes") / f"{setting}.png"
     episodes = load_episodes(prepared, "test", cfg.ways, cfg.shots)
     tasks = episode_tasks(prepared, episodes, 0, ev["grid_episodes"])
     preds = predict_tasks(theta, tasks, cfg.model_cfg, result["steps"], result["inner_lr"])

@@ -122,7 +122,7 @@ def test_bad_inputs(trained_theta, characters, tmp_path) -> None:
 
     bad = support / "angelic" / "broken.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(AdaptInputError, match="broken.png"):
+    with pytest.raises(AdaptInputError, match="broken.png"), pytest.warns(UnequalShotsWarning):
         adapt_folder(support, meta)
     bad.unlink()
 

@@ -97,10 +97,54 @@ def adapt_folder(
 ) -> Classifier:
     """Adapt the meta-model at ``meta_path`` to the classes in ``support_dir``.
 
+    Labels are the class folder names, sorted; images are preprocessed as in training. See
+    ``adapt_classifier`` for the adaptation itself.
+    """
+    _, meta = load_theta(Path(meta_path))
+    dataset = json.loads(meta["train_config"])["dataset"]
+    classes = read_class_folders(support_dir, "support")
+    labels = list(classes)
+    shots = {label: len(files) for label, files in classes.items()}
+    if len(set(shots.values())) > 1:
+        warnings.warn(
+            f"support classes have different numbers of images {shots}; the meta-model was "
+            "trained on balanced tasks, so accuracy may differ from the evaluated numbers",
+            UnequalShotsWarning,
+            stacklevel=2,
+        )
+    xs = load_images([p for files in classes.values() for p in files], dataset)
+    ys = torch.tensor([i for i, label in enumerate(labels) for _ in classes[label]])
+    return adapt_classifier(
+        meta_path,
+        xs,
+        ys,
+        labels,
+        steps=steps,
+        lr=lr,
+        provenance={
+            "support_dir": str(Path(support_dir).resolve()),
+            "shots_per_class": shots,
+            "balanced_shots": len(set(shots.values())) == 1,
+        },
+    )
+
+
+def adapt_classifier(
+    meta_path: str | Path,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    labels: list[str],
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Classifier:
+    """Adapt the meta-model at ``meta_path`` on support images ``xs`` (labels ``ys`` index
+    ``labels``) and freeze the support set's BatchNorm statistics for deployment.
+
     Runs ``steps`` inner SGD steps of size ``lr`` (default: the meta-model's ``test_inner_steps``
-    and ``inner_lr``; learned MAML++ lrs win over ``lr``) on the support images, then freezes the
-    support set's BatchNorm statistics under the adapted weights, so the returned classifier
-    scores every image on its own. Labels are the class folder names, sorted.
+    and ``inner_lr``; learned MAML++ lrs win over ``lr``), so the returned classifier scores every
+    image on its own.
     """
     meta_path = Path(meta_path)
     theta, meta = load_theta(meta_path)
@@ -111,31 +155,19 @@ def adapt_folder(
     lr = float(train_cfg["inner_lr"]) if lr is None else float(lr)
     if steps < 0 or not lr > 0:
         raise AdaptInputError(f"steps must be >= 0 and lr > 0, got steps={steps}, lr={lr}")
-
-    classes = read_class_folders(support_dir, "support")
-    labels = list(classes)
+    where = (provenance or {}).get("support_dir", "the support set")
     if len(labels) > model_cfg.ways:
         raise AdaptInputError(
-            f"support folder {support_dir} has {len(labels)} classes but the meta-model "
+            f"support folder {where} has {len(labels)} classes but the meta-model "
             f"{meta_path} is {model_cfg.ways}-way; it can adapt to at most {model_cfg.ways} "
             f"classes (its head has {model_cfg.ways} meta-learned rows). Use at most "
             f"{model_cfg.ways} class folders, or meta-train a preset with ways: {len(labels)}"
         )
     if len(labels) < 2:
         raise AdaptInputError(
-            f"support folder {support_dir} has {len(labels)} class; a classifier needs at least 2"
-        )
-    shots = {label: len(files) for label, files in classes.items()}
-    if len(set(shots.values())) > 1:
-        warnings.warn(
-            f"support classes have different numbers of images {shots}; the meta-model was "
-            "trained on balanced tasks, so accuracy may differ from the evaluated numbers",
-            UnequalShotsWarning,
-            stacklevel=2,
+            f"support folder {where} has {len(labels)} class; a classifier needs at least 2"
         )
 
-    xs = load_images([p for files in classes.values() for p in files], dataset)
-    ys = torch.tensor([i for i, label in enumerate(labels) for _ in classes[label]])
     n_way = len(labels)
     params = {k: v.detach().clone() for k, v in theta.items()}
     params["head.weight"] = params["head.weight"][:n_way].clone()
@@ -148,26 +180,23 @@ def adapt_folder(
     stats = batch_stats(fast, xs, cfg, step=steps)
     with torch.no_grad():  # fit on the support set itself: a cheap sanity number for the user
         support_acc = float((forward(fast, xs, cfg, stats).argmax(-1) == ys).float().mean())
-    provenance: dict[str, Any] = {
-        "meta_model": str(meta_path),
-        "meta_setting": train_cfg.get("name"),
-        "meta_ways": model_cfg.ways,
-        "steps": steps,
-        "lr": lr,
-        "learned_inner_lr": any(k.startswith(maml.LR_PREFIX) for k in theta),
-        "support_dir": str(Path(support_dir).resolve()),
-        "shots_per_class": shots,
-        "balanced_shots": len(set(shots.values())) == 1,
-        "support_accuracy": support_acc,
-    }
     return Classifier(
         params=fast,
         bn_stats=stats,
         model_cfg=cfg,
-        labels=labels,
+        labels=list(labels),
         dataset=dataset,
         meta_model_sha256=file_sha256(meta_path),
-        provenance=provenance,
+        provenance={
+            "meta_model": str(meta_path),
+            "meta_setting": train_cfg.get("name"),
+            "meta_ways": model_cfg.ways,
+            "steps": steps,
+            "lr": lr,
+            "learned_inner_lr": any(k.startswith(maml.LR_PREFIX) for k in theta),
+            **(provenance or {}),
+            "support_accuracy": support_acc,
+        },
         bn_step=steps,
     )
 

@@ -147,8 +147,8 @@ def _print_folder_report(report: dict) -> None:
     table.add_column("class")
     table.add_column("images", justify="right")
     table.add_column("accuracy", justify="right")
-    for row in report["per_class"]:
-        table.add_row(str(row["label"]), str(row["n"]), f"{100 * row['accuracy']:.1f}%")
+    for label, row in report["per_class"].items():
+        table.add_row(label, str(row["n"]), f"{100 * row['accuracy']:.1f}%")
     Console().print(table)
 
 

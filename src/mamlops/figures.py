@@ -112,7 +112,7 @@ def episode_grid(
             color = RIGHT if p == t else WRONG
             _frame(ax, color if p != t else None)
             ax.set_title(f"pred {p} / true {t}", fontsize=7, color=color)
-    heading = f"{ways}-way {shots}-shot; top row: one support image per class; red: wrong"
+    heading = f"{ways}-way {shots}-shot; class rows: one support image each; red: wrong"
     fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize=9)
     fig.subplots_adjust(
         left=0.02,

@@ -232,11 +232,19 @@ def use_first_order(maml_cfg: MAMLConfig, iteration: int) -> bool:
 
 
 def resolve_strategy(strategy: Strategy, device: torch.device | str) -> str:
-    """``auto``: the batched form everywhere; it measured faster than the per-task loop on both
-    the 2-core CPU and CUDA (docs/performance.md). ``loop`` and ``batched`` pass through."""
+    """``auto``: the per-task loop on CPU, the batched form on CUDA; else ``strategy`` as is.
+
+    On the 2-core CPU the loop (with fused BatchNorm) measured as fast as the grouped-conv
+    batch at 1 query image per class and 1.8x faster at 15 (docs/performance.md): oneDNN's
+    grouped conv backward is slow, and the CPU has no launch overhead to amortise. On CUDA
+    the loop's 32 x (small kernels) launch overhead dominates; batching is the standard remedy
+    there (not measured in this repo yet).
+    """
     if strategy not in ("auto", "loop", "batched"):
         raise ValueError(f"unknown strategy {strategy!r}: expected 'auto', 'loop' or 'batched'")
-    return "batched" if strategy == "auto" else strategy
+    if strategy != "auto":
+        return strategy
+    return "batched" if torch.device(device).type == "cuda" else "loop"
 
 
 def meta_loss(

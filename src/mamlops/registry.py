@@ -52,7 +52,7 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
 def log_and_register(
     onnx_path: str | Path,
     model_name: str,
-    alias: str = DEFAULT_ALIAS,
+    alias: str | None = DEFAULT_ALIAS,
     tracking_uri: str | None = None,
     run_id: str | None = None,
     experiment: str = tracking.EXPERIMENT,
@@ -96,7 +96,8 @@ def log_and_register(
                 registered_model_name=model_name,
             )
         version = str(info.registered_model_version)
-        client.set_registered_model_alias(model_name, alias, version)
+        if alias:  # None: register only; the caller decides where the alias goes
+            client.set_registered_model_alias(model_name, alias, version)
         client.set_model_version_tag(model_name, version, "labels", meta["labels"])
         client.set_model_version_tag(model_name, version, "source_file", str(onnx_path.resolve()))
         client.set_model_version_tag(model_name, version, "run_id", run.info.run_id)
