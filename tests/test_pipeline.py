@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, pipeline_env: dict[str, str])
         checkpoint_every=10,
         log_every=5,
     )
+    params["evaluate"]["steps"] = 3  # 600 episodes x 3 steps keeps the suite short
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["dvc", "repro"], root, pipeline_env)
     return root
@@ -135,3 +137,165 @@ def test_repo_root_sees_through_dvc_experiment_copies(
     inner.mkdir(parents=True)
     assert tracking.repo_root(inner) == tmp_path / "proj"
     assert tracking.tracking_uri(inner) == f"sqlite:///{tmp_path / 'proj' / 'mlflow.db'}"
+
+
+def test_evaluate_metrics(repo: Path, pipeline_env: dict[str, str]) -> None:
+    ev = json.loads((repo / "metrics" / "eval" / f"{SETTING}.json").read_text())
+    assert ev["n"] == 600 and ev["steps"] == 3
+    for protocol in ("transductive", "support"):
+        assert 0.2 < ev[f"acc_{protocol}"] <= 1.0
+        assert 0.0 < ev[f"ci95_{protocol}"] < 0.05
+    shown = _run(["dvc", "metrics", "show"], repo, pipeline_env)
+    assert "acc_transductive" in shown and "ci95_support" in shown
+    steps_csv = (repo / "plots" / "eval" / f"{SETTING}_steps.csv").read_text().splitlines()
+    assert steps_csv[0].split(",")[:3] == ["step", "acc_transductive", "acc_support"]
+    assert len(steps_csv) == 1 + 4  # steps 0..3
+    assert (repo / "plots" / "episodes" / f"{SETTING}.png").stat().st_size > 1000
+
+
+def test_export_onnx_and_registry(repo: Path) -> None:
+    import onnx
+    from mlflow import MlflowClient
+
+    onnx_path = repo / "models" / SETTING / "model.onnx"
+    model = onnx.load(str(onnx_path))
+    onnx.checker.check_model(model)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert len(json.loads(meta["labels"])) == 5
+    ex = json.loads((repo / "metrics" / "export" / f"{SETTING}.json").read_text())
+    assert ex["parity_max_abs_diff"] < 1e-5
+    assert ex["registry"]["alias_on"] == ex["registry"]["version"] == 1
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    version = client.get_model_version_by_alias(f"mamlops-{SETTING}", "champion")
+    assert str(version.version) == "1"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def query_images(repo: Path, labels: list[str], dest: Path, per_class: int = 3) -> list[Path]:
+    """Real drawings of the exported classes as PNG files, rotated as the class says."""
+    from PIL import Image
+
+    paths = []
+    for i, label in enumerate(labels):
+        alphabet, character, rot = label.split("/")
+        files = sorted((repo / "data" / "raw" / "omniglot").glob(f"*/{alphabet}/{character}/*.png"))
+        assert len(files) == 20, label
+        for f in files[-per_class:]:
+            path = dest / f"{i}_{f.name}"
+            Image.open(f).rotate(int(rot[3:])).save(path)  # PIL rotates counter-clockwise
+            paths.append(path)
+    return paths
+
+
+def test_cli_predict_and_http_serve_agree_on_real_images(
+    repo: Path, pipeline_env: dict[str, str], tmp_path: Path
+) -> None:
+    import httpx
+    import onnx
+
+    onnx_path = repo / "models" / SETTING / "model.onnx"
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    labels = json.loads(meta["labels"])
+    paths = query_images(repo, labels, tmp_path)
+    truth = [label for label in labels for _ in range(3)]
+    mamlops = str(Path(sys.executable).parent / "mamlops")
+
+    out = _run([mamlops, "predict", str(onnx_path), *map(str, paths)], repo, pipeline_env)
+    cli = [line.split("\t")[1] for line in out.strip().splitlines()]
+    assert len(cli) == len(paths)
+    torch_out = _run(
+        [
+            mamlops,
+            "predict",
+            str(repo / "models" / SETTING / "classifier.safetensors"),
+            *map(str, paths),
+        ],
+        repo,
+        pipeline_env,
+    )
+    assert [line.split("\t")[1] for line in torch_out.strip().splitlines()] == cli
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [mamlops, "serve", str(onnx_path), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=repo,
+        env=pipeline_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("mamlops serve did not come up")
+        files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
+        reply = httpx.post(f"{base}/predict", files=files, timeout=30)
+        assert reply.status_code == 200, reply.text
+        served = [p["label"] for p in reply.json()["predictions"]]
+        assert served == cli
+        assert sum(a == b for a, b in zip(served, truth, strict=True)) / len(truth) > 0.2
+        bad = httpx.post(f"{base}/predict", files=[("files", ("x.png", b"not an image"))])
+        assert bad.status_code == 400
+        assert httpx.get(f"{base}/health").status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_cli_adapt_to_own_classes_then_export(
+    repo: Path, pipeline_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A user's folder of a few images per class -> adapted classifier -> ONNX -> predictions."""
+    raw = repo / "data" / "raw" / "omniglot" / "images_evaluation"
+    characters = sorted(raw.glob("*/character01"))[:5]
+    support, query = tmp_path / "support", tmp_path / "query"
+    for char in characters:
+        files = sorted(char.glob("*.png"))
+        label = char.parent.name
+        for folder, chosen in ((support, files[:1]), (query, files[10:14])):
+            (folder / label).mkdir(parents=True)
+            for f in chosen:
+                shutil.copy(f, folder / label / f.name)
+    mamlops = str(Path(sys.executable).parent / "mamlops")
+    clf = tmp_path / "mine.safetensors"
+    theta = repo / "models" / SETTING / "theta_best.safetensors"
+    _run(
+        [mamlops, "adapt", str(support), "--meta", str(theta), "--out", str(clf)],
+        repo,
+        pipeline_env,
+    )
+    report = _run([mamlops, "evaluate-folder", str(clf), str(query)], repo, pipeline_env)
+    assert "accuracy" in report and characters[0].parent.name in report
+    onnx_path = tmp_path / "mine.onnx"
+    _run([mamlops, "export", str(clf), "--out", str(onnx_path)], repo, pipeline_env)
+    images = sorted(query.glob("*/*.png"))
+    out = _run([mamlops, "predict", str(onnx_path), *map(str, images)], repo, pipeline_env)
+    predicted = [line.split("\t")[1] for line in out.strip().splitlines()]
+    truth = [p.parent.name for p in images]
+    assert set(predicted) <= set(truth)
+    assert sum(a == b for a, b in zip(predicted, truth, strict=True)) / len(truth) > 0.2
+
+    empty = tmp_path / "bad"
+    (empty / "a").mkdir(parents=True)
+    (empty / "b").mkdir()
+    proc = subprocess.run(
+        [mamlops, "adapt", str(empty), "--meta", str(theta), "--out", str(tmp_path / "x.st")],
+        cwd=repo,
+        env=pipeline_env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and "no images" in proc.stderr
+    assert not (tmp_path / "x.st").exists()
