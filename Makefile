@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data/omniglot/images_background.zip),)
 export MAMLOPS_DATA_MIRROR ?= $(abspath ../shared/data/omniglot)
 endif
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench report paper-omniglot
 
 $(BIN)/mamlops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,22 @@ lint: install
 format: install
 	$(BIN)/ruff format src pipeline tests benchmarks
 	$(BIN)/ruff check --fix src pipeline tests benchmarks
+
+# Speed measurements (not tests): meta-training vs a plain loop and `higher`, the task sampler,
+# and ONNX serving. Numbers go to docs/performance.md.
+bench: install
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/bench_meta_train.py
+	$(BIN)/python benchmarks/bench_sampler.py
+	$(BIN)/python benchmarks/bench_serving.py
+
+# The README's results table, rebuilt from metrics/eval/*.json.
+report: install
+	$(BIN)/python -m mamlops.report --readme README.md
+
+# The MAML paper's Omniglot configs (60,000 iterations each: for a GPU), as DVC experiments:
+# `make paper-omniglot-5w1s` trains one, `make paper-omniglot` all four.
+PAPER_OMNIGLOT := paper-omniglot-5w1s paper-omniglot-5w5s paper-omniglot-20w1s paper-omniglot-20w5s
+paper-omniglot: $(PAPER_OMNIGLOT)
+paper-omniglot-%: install
+	$(BIN)/dvc exp run -n $@ -S '~train.settings.omniglot-5w1s' -S '+train.settings.$@=omniglot'

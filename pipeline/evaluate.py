@@ -11,7 +11,6 @@ that file a new run is made, tagged with the setting.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,19 +21,15 @@ from mamlops import tracking
 from mamlops.episodes import episode_tasks, load_episodes
 from mamlops.evaluate import evaluate_setting, hardware, predict_tasks
 from mamlops.figures import episode_grid, steps_rows, write_steps_csv
-from mamlops.train import TrainConfig, load_theta, resolve_device
-
-CHECKPOINTS = {"best": "theta_best.safetensors", "final": "theta.safetensors"}
+from mamlops.files import write_json
+from mamlops.train import TrainConfig, load_theta, resolve_device, theta_file
 
 
 def eval_params(params: dict[str, Any]) -> dict[str, Any]:
     """The `evaluate` section, checked; errors name the key and what would work."""
     sec = P.section(params, "evaluate")
     checkpoint = sec.get("checkpoint", "best")
-    if checkpoint not in CHECKPOINTS:
-        raise P.ParamsError(
-            f"params.yaml: evaluate.checkpoint must be 'best' or 'final', got {checkpoint!r}"
-        )
+    theta_file(Path("models"), checkpoint, "evaluate.checkpoint")  # checks the value
     steps = sec.get("steps")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
         raise P.ParamsError(f"params.yaml: evaluate.steps must be null or >= 0, got {steps!r}")
@@ -43,13 +38,6 @@ def eval_params(params: dict[str, Any]) -> dict[str, Any]:
     if batch < 1 or grid < 1:  # the episode grid is a declared DVC output: always draw one
         raise P.ParamsError("params.yaml: evaluate.batch and evaluate.grid_episodes must be >= 1")
     return {"checkpoint": checkpoint, "steps": steps, "batch": batch, "grid_episodes": grid}
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def log_to_mlflow(setting: str, metrics: dict[str, Any], rows, artifacts: list[Path]) -> str:
@@ -93,7 +81,7 @@ def main(setting: str) -> None:
     params = P.load()
     cfg = TrainConfig.from_params(params, setting)
     ev = eval_params(params)
-    theta_path = Path("models") / setting / CHECKPOINTS[ev["checkpoint"]]
+    theta_path = theta_file(Path("models") / setting, ev["checkpoint"], "evaluate.checkpoint")
     theta, meta = load_theta(theta_path)
     prepared = Path("data/prepared") / cfg.dataset
     device = resolve_device(cfg.device)

@@ -9,7 +9,6 @@ as `mamlops-<setting>`, moving the alias to it only when its evaluated accuracy 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,22 +21,19 @@ from mamlops import tracking
 from mamlops.adapt import adapt_classifier
 from mamlops.episodes import episode_tasks, load_episodes
 from mamlops.export import export_onnx
+from mamlops.files import write_json
 from mamlops.onnx_predict import OnnxClassifier
 from mamlops.prepare import read_classes
 from mamlops.splits import decode_class, read_splits
-from mamlops.train import TrainConfig
+from mamlops.train import TrainConfig, theta_file
 
-CHECKPOINTS = {"best": "theta_best.safetensors", "final": "theta.safetensors"}
 PARITY_ATOL = 1e-5  # probabilities, float32
 
 
 def export_params(params: dict[str, Any]) -> dict[str, Any]:
     sec = P.section(params, "export")
     checkpoint = sec.get("checkpoint", "best")
-    if checkpoint not in CHECKPOINTS:
-        raise P.ParamsError(
-            f"params.yaml: export.checkpoint must be best or final, not {checkpoint!r}"
-        )
+    theta_file(Path("models"), checkpoint, "export.checkpoint")  # checks the value
     out = {
         "checkpoint": checkpoint,
         "demo_episode": P.require(sec, "demo_episode", int, "export"),
@@ -100,7 +96,7 @@ def main(setting: str) -> None:
     ex = export_params(params)
     prepared = Path("data/prepared") / cfg.dataset
     out_dir = Path("models") / setting
-    theta_path = out_dir / CHECKPOINTS[ex["checkpoint"]]
+    theta_path = theta_file(out_dir, ex["checkpoint"], "export.checkpoint")
 
     episodes = load_episodes(prepared, "test", cfg.ways, cfg.shots)
     if ex["demo_episode"] >= len(episodes):
@@ -142,11 +138,7 @@ def main(setting: str) -> None:
     }
     if ex["register"]:
         metrics["registry"] = register_if_best(onnx_path, setting, ex["alias"], eval_acc)
-    path = Path("metrics/export") / f"{setting}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(Path("metrics/export") / f"{setting}.json", metrics)
     print(
         f"{setting}: {onnx_path} ({metrics['onnx_bytes']} bytes), demo query accuracy "
         f"{100 * metrics['demo_query_acc_onnx']:.1f}%, max |ORT - torch| {max_diff:.1e}"

@@ -7,12 +7,12 @@ so rerunning after a kill resumes. One MLflow run per execution.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from mamlops import params as P
 from mamlops import tracking
+from mamlops.files import write_json
 from mamlops.train import TrainConfig, train, write_history
 
 
@@ -43,8 +43,7 @@ def main(setting: str) -> None:
             "train_seconds": result.seconds,
             "resumed_from": result.resumed_from,
         }
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(metrics_path, metrics)
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
         mlflow.log_artifact(str(Path("checkpoints") / setting / "checkpoint.pt"), "checkpoint")
         mlflow.log_artifact(str(out_dir / "theta_best.safetensors"), "model")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from mamlops.files import atomic_write
 from mamlops.model import BN_EPS, N_BLOCKS, BNStats, ConvNetConfig, Params, forward
 
 FORMAT_NAME = "mamlops-classifier"
@@ -80,22 +79,6 @@ def expected_shapes(cfg: ConvNetConfig) -> dict[str, tuple[int, ...]]:
     shapes["head.weight"] = (cfg.ways, cfg.feature_dim)
     shapes["head.bias"] = (cfg.ways,)
     return shapes
-
-
-def atomic_write_bytes(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file
-    (the rename is atomic on one filesystem, hence the temp file in the same folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def serving_params(params: Params, bn_step: int | None = None) -> Params:
@@ -163,7 +146,7 @@ class Classifier:
     def save(self, path: str | Path) -> Path:
         """Write one .safetensors file atomically (temp file in the same folder, then rename)."""
         tensors, meta = self.tensors(), self.metadata()
-        return atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path) -> Classifier:

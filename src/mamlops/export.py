@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mamlops.classifier import Classifier, atomic_write_bytes, preprocessing_spec
+from mamlops.classifier import Classifier, preprocessing_spec
+from mamlops.files import atomic_write
 from mamlops.model import N_BLOCKS, ConvNetConfig
 
 DEFAULT_OPSET = 20  # the dynamo exporter's native opset: no version conversion pass needed
@@ -111,4 +112,4 @@ def export_onnx(classifier: Classifier, out_path: str | Path, opset: int = DEFAU
     proto.doc_string = f"mamlops {classifier.model_cfg.ways}-way {classifier.dataset} classifier"
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
-    return atomic_write_bytes(out_path, lambda tmp: Path(tmp).write_bytes(data))
+    return atomic_write(out_path, lambda tmp: Path(tmp).write_bytes(data))

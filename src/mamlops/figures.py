@@ -8,7 +8,6 @@ wrong (red). matplotlib runs on the Agg backend, so no display is needed (CI, DV
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from mamlops.episodes import Tasks  # noqa: E402
+from mamlops.files import atomic_write  # noqa: E402
 
 WRONG = "#d62728"
 RIGHT = "#2ca02c"
@@ -122,13 +122,10 @@ def episode_grid(
         hspace=0.45,
         wspace=0.1,
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def steps_rows(result: dict[str, Any]) -> list[dict[str, float]]:
@@ -143,13 +140,14 @@ def steps_rows(result: dict[str, Any]) -> list[dict[str, float]]:
 
 def write_steps_csv(rows: list[dict[str, float]], path: str | Path) -> Path:
     """CSV ``step,acc_transductive,acc_support`` for ``dvc plots`` (written atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=STEPS_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (int(v) if k == "step" else f"{v:.6f}") for k, v in row.items()})
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=STEPS_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(
+                    {k: (int(v) if k == "step" else f"{v:.6f}") for k, v in row.items()}
+                )
+
+    return atomic_write(path, write)

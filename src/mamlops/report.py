@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
+
+from mamlops.files import write_text
 
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
@@ -113,10 +114,7 @@ def update_readme(readme: str | Path, body: str) -> Path:
     if not readme.is_file():
         raise ReportError(f"{readme}: file not found")
     new = replace_section(readme.read_text(), body, str(readme))
-    tmp = readme.with_name(f".{readme.name}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, readme)
-    return readme
+    return write_text(readme, new)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -24,11 +23,13 @@ from safetensors.torch import load_file, save_file
 
 from . import maml
 from .episodes import TaskSampler, episode_tasks, load_bank, load_episodes
+from .files import atomic_write, write_text
 from .model import ConvNetConfig, Params
 from .params import ParamsError
 
 DATASETS = ("omniglot", "miniimagenet")
 CHECKPOINT = "checkpoint.pt"
+THETA_FILES = {"best": "theta_best.safetensors", "final": "theta.safetensors"}
 HISTORY_COLUMNS = ("step", "loss", "train_acc", "val_acc", "meta_lr", "tasks_per_s")
 
 
@@ -155,10 +156,16 @@ def resolve_device(name: str) -> torch.device:
 
 def save_theta(params: Params, path: Path, metadata: dict[str, str]) -> None:
     """theta as safetensors (loadable without unpickling), written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp), metadata)
-    os.replace(tmp, path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
+
+
+def theta_file(model_dir: Path, checkpoint: str, key: str) -> Path:
+    """The theta a later stage uses: ``best`` (highest val accuracy) or ``final``; ``key`` is the
+    params.yaml key that chose it, for the error message."""
+    if checkpoint not in THETA_FILES:
+        raise ParamsError(f"params.yaml: {key} must be 'best' or 'final', got {checkpoint!r}")
+    return Path(model_dir) / THETA_FILES[checkpoint]
 
 
 def load_theta(path: Path) -> tuple[Params, dict[str, str]]:
@@ -184,10 +191,7 @@ def theta_metadata(cfg: TrainConfig, step: int) -> dict[str, str]:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -342,9 +346,7 @@ def train(
                 row = {**row, "step": done, "val_acc": val_acc}
                 if val_acc > best_val:
                     best_val, best_step = val_acc, done
-                    save_theta(
-                        params, out_dir / "theta_best.safetensors", theta_metadata(cfg, done)
-                    )
+                    save_theta(params, theta_file(out_dir, "best", ""), theta_metadata(cfg, done))
             if row:
                 history.append(row)
                 if on_metrics is not None:
@@ -359,9 +361,9 @@ def train(
     if final_step > start or state is None:
         checkpoint(final_step)
     if final_step == cfg.iterations:
-        save_theta(params, out_dir / "theta.safetensors", theta_metadata(cfg, final_step))
+        save_theta(params, theta_file(out_dir, "final", ""), theta_metadata(cfg, final_step))
         if best_step < 0:  # no validation ran (iterations < val_every never happens, but be safe)
-            save_theta(params, out_dir / "theta_best.safetensors", theta_metadata(cfg, final_step))
+            save_theta(params, theta_file(out_dir, "best", ""), theta_metadata(cfg, final_step))
     seconds = time.perf_counter() - t0
     return TrainResult(
         step=final_step,
@@ -377,13 +379,10 @@ def train(
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
     """Per-step TSV for ``dvc plots``; blank cells where a value was not measured that step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     lines = ["\t".join(HISTORY_COLUMNS)]
     for row in history:
         lines.append("\t".join(_cell(row.get(c)) for c in HISTORY_COLUMNS))
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def _cell(value: float | None) -> str:

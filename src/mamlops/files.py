@@ -1,0 +1,38 @@
+"""Atomic file writes: every output goes to a temporary file beside its target, then a rename.
+
+A crash, a kill or a full disk mid-write then leaves the earlier file intact rather than a
+half-written one that DVC would hash and later stages would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic);
+    the temporary file is removed if ``write`` fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2) + "\n")
