@@ -235,7 +235,7 @@ def resolve_strategy(strategy: Strategy, device: torch.device | str) -> str:
     """``auto``: the per-task loop on CPU, the batched form on CUDA; else ``strategy`` as is.
 
     On the 2-core CPU the loop (with fused BatchNorm) measured as fast as the grouped-conv
-    batch at 1 query image per class and 1.8x faster at 15 (docs/performance.md): oneDNN's
+    batch at 1 query image per class and 1.6x faster at 15 (docs/performance.md): oneDNN's
     grouped conv backward is slow, and the CPU has no launch overhead to amortise. On CUDA
     the loop's 32 x (small kernels) launch overhead dominates; batching is the standard remedy
     there (not measured in this repo yet).
