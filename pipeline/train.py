@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mamlops import params as P
 from mamlops import tracking
+from mamlops.figures import training_curves
 from mamlops.files import write_json
 from mamlops.train import TrainConfig, train, write_history
 
@@ -45,6 +46,11 @@ def main(setting: str) -> None:
         }
         write_json(metrics_path, metrics)
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
+        curves_png = training_curves(
+            result.history, out_dir / "training_curves.png", f"{setting}: meta-training"
+        )
+        mlflow.log_artifact(str(curves_png), "plots")
+        mlflow.log_artifact(str(Path("plots/train") / f"{setting}.tsv"), "plots")
         mlflow.log_artifact(str(Path("checkpoints") / setting / "checkpoint.pt"), "checkpoint")
         mlflow.log_artifact(str(out_dir / "theta_best.safetensors"), "model")
         (out_dir / "mlflow_run_id").write_text(run.info.run_id + "\n")

@@ -195,3 +195,25 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(
     for k, v in before["params"].items():
         assert torch.equal(v, after["params"][k])
         assert torch.isfinite(after["params"][k]).all()
+
+
+def test_maml_plus_plus_switches_train_and_track_inner_lrs(
+    omniglot_prepared: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_cfg(
+        iterations=3,
+        inner_steps=2,
+        learn_inner_lr=True,
+        per_step_bn=True,
+        multi_step_loss=True,
+        multi_step_anneal_iters=2,
+        first_order_iters=2,
+        cosine_meta_lr=True,
+        grad_clip=1.0,
+    )
+    result = train(cfg, omniglot_prepared, tmp_path, tmp_path / "ck", progress=False)
+    row = result.history[-1]
+    assert row["inner_lr/conv0.weight/step1"] != cfg.inner_lr  # learned, so it moved
+    assert row["meta_lr"] < cfg.meta_lr  # cosine annealing
+    theta = load_file(str(tmp_path / "theta.safetensors"))
+    assert theta["bn0.weight"].shape == (3, 64)  # per-step BN: inner_steps + 1 rows

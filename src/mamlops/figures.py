@@ -151,3 +151,29 @@ def write_steps_csv(rows: list[dict[str, float]], path: str | Path) -> Path:
                 )
 
     return atomic_write(path, write)
+
+
+def training_curves(history: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
+    """PNG of meta-training: query loss, and train/val accuracy per iteration (for MLflow, where
+    DVC's own plots of the TSV are not at hand)."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, ax, label in (
+        ("loss", ax_loss, "meta-train query loss"),
+        ("train_acc", ax_acc, "meta-train query accuracy"),
+        ("val_acc", ax_acc, "validation accuracy"),
+    ):
+        pts = [(r["step"], r[key]) for r in history if r.get(key) is not None]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o" if key == "val_acc" else None, ms=3, label=label)
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    ax_acc.set_ylim(0, 1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

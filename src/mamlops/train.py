@@ -216,6 +216,16 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
+def learned_inner_lrs(params: Params) -> dict[str, float]:
+    """MAML++ learned inner lrs (LSLR), one number per layer and step, for tracking."""
+    out = {}
+    for name, lrs in params.items():
+        if name.startswith(maml.LR_PREFIX):
+            for step, value in enumerate(lrs.detach().cpu().tolist()):
+                out[f"inner_lr/{name[len(maml.LR_PREFIX) :]}/step{step}"] = value
+    return out
+
+
 def validate(
     params: Params, cfg: TrainConfig, val_bank: torch.Tensor, episodes, device, batch: int = 100
 ) -> float:
@@ -340,6 +350,7 @@ def train(
                     "train_acc": float(m["query_acc"]),
                     "meta_lr": lr,
                     "tasks_per_s": rate,
+                    **learned_inner_lrs(params),
                 }
             if val_now:
                 val_acc = validate(params, cfg, val_bank, val_eps, device)
