@@ -20,6 +20,7 @@ install: $(BIN)/mamlops
 
 run: install
 	$(BIN)/dvc repro
+	$(BIN)/python -m mamlops.report --readme README.md
 
 test: install
 	$(BIN)/pytest -q

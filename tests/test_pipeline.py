@@ -299,3 +299,30 @@ def test_cli_adapt_to_own_classes_then_export(
     )
     assert proc.returncode == 1 and "no images" in proc.stderr
     assert not (tmp_path / "x.st").exists()
+
+
+@pytest.mark.timeout(300)
+def test_mlflow_models_serve_answers_for_the_champion(repo: Path, tmp_path: Path) -> None:
+    """The registered champion, served by MLflow, classifies real Omniglot drawings like
+    onnxruntime does on the exported file."""
+    import httpx
+    import numpy as np
+    import onnx
+    from test_serve import mlflow_models_serve
+
+    from mamlops.onnx_predict import OnnxClassifier
+
+    onnx_path = repo / "models" / SETTING / "model.onnx"
+    labels = json.loads(
+        {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["labels"]
+    )
+    local = OnnxClassifier(onnx_path)
+    x = local.preprocess([str(p) for p in query_images(repo, labels, tmp_path)])
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    with mlflow_models_serve(f"models:/mamlops-{SETTING}@champion", uri) as url:
+        resp = httpx.post(f"{url}/invocations", json={"inputs": x.tolist()}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    got = np.array(resp.json()["predictions"]["probabilities"], dtype=np.float32)
+    np.testing.assert_allclose(got, local.predict_array(x), atol=1e-6, rtol=0)
+    truth = np.repeat(np.arange(len(labels)), 3)
+    assert (got.argmax(1) == truth).mean() > 0.2

@@ -3,6 +3,7 @@ MLflow registry + ``mlflow models serve`` answers like onnxruntime does."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -170,42 +172,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_registry_and_mlflow_models_serve(setup, tmp_path: Path) -> None:
-    from mamlops.registry import log_and_register
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    version = log_and_register(
-        setup["folder"] / "alpha.onnx",
-        "mamlops-test",
-        alias="champion",
-        tracking_uri=uri,
-        artifact_location=str(tmp_path / "artifacts"),
-    )
-    assert str(version.version) == "1" and "champion" in version.aliases
-
+@contextlib.contextmanager
+def mlflow_models_serve(model_uri: str, tracking_uri: str) -> Iterator[str]:
+    """`mlflow models serve` on a free 127.0.0.1 port as its own process group; yields its URL
+    once /ping answers, and kills the group (mlflow and its uvicorn child) afterwards."""
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent))
     assert mlflow_bin, "mlflow CLI not found next to the interpreter"
     port = _free_port()
     # mlflow execs a bare `uvicorn`: the venv's bin must be on PATH even when not activated
     path = f"{Path(mlflow_bin).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
-    cmd = [
-        mlflow_bin,
-        "models",
-        "serve",
-        "-m",
-        "models:/mamlops-test@champion",
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-w",
-        "1",
-    ]
+    env = {
+        **os.environ,
+        "PATH": path,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_REGISTRY_URI": tracking_uri,
+    }
+    cmd = [mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    cmd += ["-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -222,16 +205,35 @@ def test_registry_and_mlflow_models_serve(setup, tmp_path: Path) -> None:
                 pass
             assert time.monotonic() < deadline, "mlflow models serve did not come up in 120 s"
             time.sleep(0.5)
-        x = to_tensor(setup["queries"][:1]).numpy()
-        resp = httpx.post(f"{url}/invocations", json={"inputs": x.tolist()}, timeout=30)
-        assert resp.status_code == 200, resp.text
-        got = np.array(resp.json()["predictions"]["probabilities"], dtype=np.float32)
-        want = OnnxClassifier(setup["folder"] / "alpha.onnx").predict_array(x)
-        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+        yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: mlflow and its uvicorn child
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_registry_and_mlflow_models_serve(setup, tmp_path: Path) -> None:
+    from mamlops.registry import log_and_register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    version = log_and_register(
+        setup["folder"] / "alpha.onnx",
+        "mamlops-test",
+        alias="champion",
+        tracking_uri=uri,
+        artifact_location=str(tmp_path / "artifacts"),
+    )
+    assert str(version.version) == "1" and "champion" in version.aliases
+
+    x = to_tensor(setup["queries"][:1]).numpy()
+    with mlflow_models_serve("models:/mamlops-test@champion", uri) as url:
+        resp = httpx.post(f"{url}/invocations", json={"inputs": x.tolist()}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    got = np.array(resp.json()["predictions"]["probabilities"], dtype=np.float32)
+    want = OnnxClassifier(setup["folder"] / "alpha.onnx").predict_array(x)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
