@@ -8,6 +8,11 @@ speed does not depend on pixel values.
 
     .venv/bin/pip install higher==0.2.1   # optional extra "bench"
     .venv/bin/python benchmarks/bench_meta_train.py [--query 15] [--dtype bf16]
+
+``--device cuda`` runs every implementation (and the matmul reference) on the GPU; TF32 is
+left at torch's defaults, which are printed (cuDNN convs use TF32 by default, matmuls do not).
+``--check-grad`` only compares the batched and loop meta-gradients in float64 on ``--device``.
+On a GPU machine without the venv: ``bash benchmarks/gpu_check.sh``.
 """
 
 from __future__ import annotations
@@ -29,30 +34,54 @@ from mamlops import model
 from mamlops.maml import MAMLConfig, init_meta_params, meta_loss, resolve_strategy
 from mamlops.model import N_BLOCKS, ConvNetConfig
 
+PAPER_ITERS = 60_000  # cbfinn/maml Omniglot: --metatrain_iterations=60000
 
-def make_tasks(cfg: ConvNetConfig, n_tasks: int, shots: int, queries: int, seed: int = 0):
+
+def make_tasks(
+    cfg: ConvNetConfig,
+    n_tasks: int,
+    shots: int,
+    queries: int,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """Random tasks, drawn on the CPU (same values on every device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     s = cfg.image_size
 
     def labels(k: int) -> torch.Tensor:
-        return torch.arange(cfg.ways).repeat_interleave(k).repeat(n_tasks, 1)
+        return torch.arange(cfg.ways).repeat_interleave(k).repeat(n_tasks, 1).to(device)
 
-    return SimpleNamespace(
-        xs=torch.rand(n_tasks, cfg.ways * shots, cfg.in_channels, s, s, generator=g),
-        ys=labels(shots),
-        xq=torch.rand(n_tasks, cfg.ways * queries, cfg.in_channels, s, s, generator=g),
-        yq=labels(queries),
-    )
+    def images(k: int) -> torch.Tensor:
+        x = torch.rand(n_tasks, cfg.ways * k, cfg.in_channels, s, s, generator=g)
+        return x.to(device, dtype)
+
+    xs = images(shots)
+    return SimpleNamespace(xs=xs, ys=labels(shots), xq=images(queries), yq=labels(queries))
+
+
+def device_params(cfg, mcfg, device: str, dtype: torch.dtype = torch.float32, generator=None):
+    """``init_meta_params`` on ``device`` in ``dtype``, as leaves that require grad."""
+    params = init_meta_params(cfg, mcfg, generator)
+    return {k: v.to(device, dtype).requires_grad_() for k, v in params.items()}
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that host timers measure it (no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def functional_step(cfg, mcfg, tasks, autocast: bool) -> Callable[[], None]:
     """One meta-training iteration of mamlops.maml with the strategy in ``mcfg``."""
-    params = {k: v.requires_grad_() for k, v in init_meta_params(cfg, mcfg).items()}
+    device = tasks.xs.device
+    params = device_params(cfg, mcfg, device)
     opt = torch.optim.Adam(params.values(), lr=1e-3)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss, _ = meta_loss(params, tasks, cfg, mcfg)
         loss.backward()
         opt.step()
@@ -75,7 +104,7 @@ def plain_forward(params: dict, x: torch.Tensor, cfg: ConvNetConfig) -> torch.Te
 
 def plain_loop_step(cfg, mcfg, tasks) -> Callable[[], None]:
     """A plain per-task functional MAML loop, as one would first write it."""
-    params = {k: v.requires_grad_() for k, v in init_meta_params(cfg, mcfg).items()}
+    params = device_params(cfg, mcfg, tasks.xs.device)
     opt = torch.optim.Adam(params.values(), lr=1e-3)
     n_tasks = tasks.xs.shape[0]
 
@@ -120,7 +149,7 @@ class ConvNet(nn.Module):
 def higher_step(cfg, mcfg, tasks) -> Callable[[], None]:
     import higher
 
-    net = ConvNet(cfg)
+    net = ConvNet(cfg).to(tasks.xs.device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     inner = torch.optim.SGD(net.parameters(), lr=mcfg.inner_lr)
     n_tasks = tasks.xs.shape[0]
@@ -138,15 +167,64 @@ def higher_step(cfg, mcfg, tasks) -> Callable[[], None]:
     return step
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
+    """Best-of-``repeats`` fp32 ``n x n`` matmul rate on ``device``, in GFLOP/s."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
+
+
+def tf32_settings() -> str:
+    """torch's TF32 switches as they stand (this script never changes them)."""
+    return (
+        f"torch.backends.cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
+        f"torch.backends.cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+        f"float32_matmul_precision={torch.get_float32_matmul_precision()!r}"
+    )
+
+
+def check_grad(device: str, n_tasks: int = 4, queries: int = 2) -> bool:
+    """Batched vs loop meta-gradients in float64 on ``device`` (BatchNorm on, second order).
+
+    Prints, per inner-step count, the loss difference and the largest gradient difference,
+    absolute and relative to the largest gradient entry of the same tensor. True if all
+    relative differences are below 1e-9 (float64 round-off is about 1e-15).
+    """
+    cfg = ConvNetConfig.for_dataset("omniglot", 5)
+    tasks = make_tasks(cfg, n_tasks, 1, queries, seed=1, device=device, dtype=torch.float64)
+    ok = True
+    for inner_steps in (1, 2):
+        base = MAMLConfig(inner_lr=0.4, inner_steps=inner_steps, first_order=False)
+        losses, grads = {}, {}
+        for strategy in ("loop", "batched"):
+            gen = torch.Generator().manual_seed(0)
+            params = device_params(cfg, base, device, torch.float64, gen)
+            loss, _ = meta_loss(params, tasks, cfg, replace(base, strategy=strategy))
+            loss.backward()
+            losses[strategy] = loss.item()
+            grads[strategy] = {k: v.grad for k, v in params.items()}
+        max_abs = max_rel = 0.0
+        for name, g_loop in grads["loop"].items():
+            diff = (grads["batched"][name] - g_loop).abs().max().item()
+            scale = g_loop.abs().max().item()
+            max_abs = max(max_abs, diff)
+            max_rel = max(max_rel, diff / scale if scale > 0 else diff)
+        ok &= max_rel < 1e-9
+        print(
+            f"check-grad {device} float64, {n_tasks} tasks, {queries} query/class, "
+            f"{inner_steps} inner step(s), second order, BN on: "
+            f"|loss diff| {abs(losses['batched'] - losses['loop']):.2e}, "
+            f"max |grad diff| {max_abs:.2e}, max rel {max_rel:.2e}"
+        )
+    print(f"check-grad: {'PASS' if ok else 'FAIL'} (batched == loop within 1e-9 relative)")
+    return ok
 
 
 def count_flops(step: Callable[[], None]) -> int:
@@ -192,16 +270,41 @@ def main() -> None:
     ap.add_argument("--no-higher", action="store_true")
     ap.add_argument("--bmm-conv", action="store_true", help="also time batched with unfold+bmm")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument(
+        "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True"
+    )
+    ap.add_argument(
+        "--paper-run-estimate",
+        action="store_true",
+        help=f"print the time of a {PAPER_ITERS:,}-iteration paper run at the chosen strategy",
+    )
+    ap.add_argument(
+        "--check-grad",
+        action="store_true",
+        help="only compare batched vs loop meta-gradients in float64 on --device; exit 1 if off",
+    )
     args = ap.parse_args()
 
+    device = args.device
+    cuda = device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False")
     torch.manual_seed(0)
-    torch.set_flush_denormal(True)
+    if cuda:
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        print(f"TF32 (torch defaults, unchanged): {tf32_settings()}")
+    else:
+        torch.set_flush_denormal(True)  # CPU only: denormals cost nothing on the GPU
+    if args.check_grad:
+        raise SystemExit(0 if check_grad(device) else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ConvNetConfig.for_dataset("omniglot", 5)
-    tasks = make_tasks(cfg, args.meta_batch, shots=1, queries=args.query)
+    tasks = make_tasks(cfg, args.meta_batch, shots=1, queries=args.query, device=device)
     base = MAMLConfig(inner_lr=0.4, inner_steps=1, first_order=False, strategy="auto")
-    chosen = resolve_strategy("auto", "cpu")
+    chosen = resolve_strategy("auto", device)
     bf16 = args.dtype == "bf16"
     other = "batched" if chosen == "loop" else "loop"
     impls: dict[str, Callable[[], None]] = {
@@ -218,22 +321,31 @@ def main() -> None:
             impls["higher 0.2.1"] = higher_step(cfg, base, tasks)
 
     flops = count_flops(impls["mamlops (loop)"])
-    for step in impls.values():  # warm-up
-        step()
+    for _ in range(3 if cuda else 1):  # warm-up (CUDA: cuDNN algorithm choice, allocator)
+        for step in impls.values():
+            step()
     times: dict[str, list[float]] = {name: [] for name in impls}
     for _ in range(args.repeats):
         for name, step in impls.items():
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(args.iters):
                 step()
+            sync(device)
             times[name].append((time.perf_counter() - t0) / args.iters)
-    peak = matmul_gflops()
+    n_matmul = 8192 if cuda else 2048  # 2048^2 takes ~0.3 ms on an H100: too short to time
+    peak = matmul_gflops(n_matmul, device=device)
 
+    where = (
+        f"cuda ({torch.cuda.get_device_name()}), cudnn.benchmark={args.cudnn_benchmark}"
+        if cuda
+        else f"{torch.get_num_threads()} threads"
+    )
     print(
         f"Omniglot 5-way 1-shot, meta-batch {args.meta_batch}, 1 inner step, second order, "
-        f"{args.query} query/class, {args.dtype}, {torch.get_num_threads()} threads"
+        f"{args.query} query/class, {args.dtype}, {where}"
     )
-    print(f"fp32 2048^2 matmul: {peak:.1f} GFLOP/s; one iteration = {flops / 1e9:.2f} GFLOP")
+    print(f"fp32 {n_matmul}^2 matmul: {peak:.1f} GFLOP/s; one iteration = {flops / 1e9:.2f} GFLOP")
     ours_name = f"mamlops ({chosen})"
     ours = statistics.median(times[ours_name])
     for name, ts in times.items():
@@ -244,6 +356,12 @@ def main() -> None:
             f"{name:22s} {med * 1e3:7.1f} ms/iter  {args.meta_batch / med:6.1f} tasks/s  "
             f"mamlops speed-up {med / ours:5.2f}x (paired {ratio:4.2f}x)  "
             f"{rate:6.1f} GFLOP/s ({100 * rate / peak:3.0f}% of matmul)"
+        )
+    if args.paper_run_estimate:
+        print(
+            f"paper run estimate, {ours_name}: {ours * 1e3:.1f} ms/iter x {PAPER_ITERS:,} iters = "
+            f"{ours * PAPER_ITERS / 3600:.2f} h (meta-training compute only: no data loading, "
+            f"no evaluation)"
         )
 
 
