@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import OMNIGLOT_ZIPS, REPO, omniglot_mirror
+from test_serve import _free_port, mlflow_models_serve
 
 from mamlops import tracking
 
@@ -170,14 +171,6 @@ def test_export_onnx_and_registry(repo: Path) -> None:
     assert str(version.version) == "1"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def query_images(repo: Path, labels: list[str], dest: Path, per_class: int = 3) -> list[Path]:
     """Real drawings of the exported classes as PNG files, rotated as the class says."""
     from PIL import Image
@@ -308,7 +301,6 @@ def test_mlflow_models_serve_answers_for_the_champion(repo: Path, tmp_path: Path
     import httpx
     import numpy as np
     import onnx
-    from test_serve import mlflow_models_serve
 
     from mamlops.onnx_predict import OnnxClassifier
 
