@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from mamlops import preprocess
 from mamlops.files import atomic_write
 from mamlops.model import BN_EPS, N_BLOCKS, BNStats, ConvNetConfig, Params, forward
 
@@ -30,30 +31,27 @@ class ClassifierFileError(ValueError):
     """A classifier file is missing, unreadable, not ours or inconsistent (message says which)."""
 
 
+# The value scaling ``preprocess.to_float_numpy`` applies, spelled out for the file's metadata.
+SCALING = {"omniglot": "1 - x / 255", "miniimagenet": "x / 255"}
+
+
 def preprocessing_spec(dataset: str) -> dict[str, Any]:
     """How raw images become the float input, written next to the weights so that a served model
-    can never be fed images prepared differently from the ones it was adapted on."""
-    if dataset == "omniglot":
-        return {
-            "color_mode": "L",
-            "image_size": 28,
-            "channels": 1,
-            "resize": "LANCZOS",
-            "scale": "1 - x / 255",
-            "layout": "NCHW",
-            "dtype": "float32",
-        }
-    if dataset == "miniimagenet":
-        return {
-            "color_mode": "RGB",
-            "image_size": 84,
-            "channels": 3,
-            "resize": "LANCZOS",
-            "scale": "x / 255",
-            "layout": "NCHW",
-            "dtype": "float32",
-        }
-    raise ClassifierFileError(f"unknown dataset {dataset!r}: expected 'omniglot' or 'miniimagenet'")
+    can never be fed images prepared differently from the ones it was adapted on. Sizes,
+    channels and colour mode come from ``preprocess.SPECS``, the one definition."""
+    try:
+        image = preprocess.spec(dataset)
+    except ValueError as exc:
+        raise ClassifierFileError(str(exc)) from None
+    return {
+        "color_mode": image.mode,
+        "image_size": image.size,
+        "channels": image.channels,
+        "resize": "LANCZOS",
+        "scale": SCALING[dataset],
+        "layout": "NCHW",
+        "dtype": "float32",
+    }
 
 
 def file_sha256(path: str | Path) -> str:
