@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mamlops import model
+from mamlops.malloc import keep_freed_memory
 from mamlops.maml import MAMLConfig, init_meta_params, meta_loss, resolve_strategy
 from mamlops.model import N_BLOCKS, ConvNetConfig
 
@@ -236,28 +236,44 @@ def count_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
-def bmm_conv(h: torch.Tensor, w: torch.Tensor, stride: int) -> torch.Tensor:
-    """Alternative to model._task_conv's grouped conv: im2col + one bmm over tasks."""
-    batch, _, height, width = h.shape
-    n_tasks, c_out, c_in = w.shape[:3]
-    h_out, w_out = (height - 1) // stride + 1, (width - 1) // stride + 1
-    cols = F.unfold(h, 3, padding=1, stride=stride).view(batch, n_tasks, c_in * 9, -1)
-    cols = cols.permute(1, 2, 0, 3).reshape(n_tasks, c_in * 9, -1)
-    out = torch.bmm(w.reshape(n_tasks, c_out, c_in * 9), cols)
-    out = out.view(n_tasks, c_out, batch, h_out, w_out).permute(2, 0, 1, 3, 4)
-    return out.reshape(batch, n_tasks * c_out, h_out, w_out)
+COMPUTE_OPS = (  # kernels that do the FLOPs; ``_convolution`` runs some conv paths inline
+    "aten::_convolution",
+    "aten::mkldnn_convolution",
+    "aten::convolution_backward",
+    "aten::_slow_conv2d_forward",
+    "aten::_slow_conv2d_backward",
+    "aten::cudnn_convolution",
+    "aten::mm",
+    "aten::bmm",
+    "aten::addmm",
+    "aten::baddbmm",
+)
 
 
-def with_conv(conv: Callable, step: Callable[[], None]) -> Callable[[], None]:
-    def run() -> None:
-        saved = model._task_conv
-        model._task_conv = conv
-        try:
+def profile_step(name: str, step: Callable[[], None], flops: int, peak: float, iters: int = 3):
+    """Where one implementation's time goes: the share spent in conv/matmul kernels, their own
+    FLOP rate, and the largest other ops (CPU self time, torch.profiler)."""
+    from torch.profiler import profile
+
+    step()
+    with profile() as prof:
+        for _ in range(iters):
             step()
-        finally:
-            model._task_conv = saved
-
-    return run
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / iters / 1e6
+    compute = sum(e.self_cpu_time_total for e in events if e.key in COMPUTE_OPS) / iters / 1e6
+    rate = flops / compute / 1e9
+    print(
+        f"profile of {name}: {total * 1e3:.1f} ms/iter of op time; conv/matmul kernels "
+        f"{compute * 1e3:.1f} ms ({100 * compute / total:.0f}%), running at {rate:.0f} GFLOP/s "
+        f"({100 * rate / peak:.0f}% of matmul); largest other ops:"
+    )
+    others = sorted(
+        (e for e in events if e.key not in COMPUTE_OPS), key=lambda e: -e.self_cpu_time_total
+    )
+    for e in others[:6]:
+        per_iter = e.self_cpu_time_total / iters / 1e3
+        print(f"    {e.key:34s} {per_iter:6.1f} ms/iter  {e.count // iters:5d} calls/iter")
 
 
 def main() -> None:
@@ -268,8 +284,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="alternating blocks per implementation")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--no-higher", action="store_true")
-    ap.add_argument("--bmm-conv", action="store_true", help="also time batched with unfold+bmm")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc thresholds alone (mamlops training sets them: see malloc.py)",
+    )
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument(
         "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True"
@@ -280,6 +300,11 @@ def main() -> None:
         help=f"print the time of a {PAPER_ITERS:,}-iteration paper run at the chosen strategy",
     )
     ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the auto-chosen implementation: time in conv/matmul kernels vs the rest",
+    )
+    ap.add_argument(
         "--check-grad",
         action="store_true",
         help="only compare batched vs loop meta-gradients in float64 on --device; exit 1 if off",
@@ -288,6 +313,7 @@ def main() -> None:
 
     device = args.device
     cuda = device == "cuda"
+    malloc = "glibc defaults" if args.default_malloc else f"tuned={keep_freed_memory()}"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False")
     torch.manual_seed(0)
@@ -304,23 +330,23 @@ def main() -> None:
     cfg = ConvNetConfig.for_dataset("omniglot", 5)
     tasks = make_tasks(cfg, args.meta_batch, shots=1, queries=args.query, device=device)
     base = MAMLConfig(inner_lr=0.4, inner_steps=1, first_order=False, strategy="auto")
-    chosen = resolve_strategy("auto", device)
+    chosen = resolve_strategy("auto", device, cfg, cfg.ways * (1 + args.query))
     bf16 = args.dtype == "bf16"
-    other = "batched" if chosen == "loop" else "loop"
-    impls: dict[str, Callable[[], None]] = {
-        f"mamlops ({chosen})": functional_step(cfg, base, tasks, bf16),
-        f"mamlops ({other})": functional_step(cfg, replace(base, strategy=other), tasks, bf16),
-    }
+    ours_name = f"mamlops ({chosen}, = auto)"
+    names = {s: ours_name if s == chosen else f"mamlops ({s})" for s in ("loop", "batched")}
+    impls: dict[str, Callable[[], None]] = {}
+    for strategy in sorted(names, key=lambda s: s != chosen):
+        impls[names[strategy]] = functional_step(cfg, replace(base, strategy=strategy), tasks, bf16)
+    baselines = []
     if not bf16:
         impls["plain per-task loop"] = plain_loop_step(cfg, base, tasks)
-    if args.bmm_conv:
-        step = functional_step(cfg, replace(base, strategy="batched"), tasks, bf16)
-        impls["batched, unfold+bmm"] = with_conv(bmm_conv, step)
+        baselines.append("plain per-task loop")
     if not args.no_higher and not bf16:
         with contextlib.suppress(ImportError):
             impls["higher 0.2.1"] = higher_step(cfg, base, tasks)
+            baselines.append("higher 0.2.1")
 
-    flops = count_flops(impls["mamlops (loop)"])
+    flops = count_flops(impls[names["loop"]])
     for _ in range(3 if cuda else 1):  # warm-up (CUDA: cuDNN algorithm choice, allocator)
         for step in impls.values():
             step()
@@ -339,14 +365,16 @@ def main() -> None:
     where = (
         f"cuda ({torch.cuda.get_device_name()}), cudnn.benchmark={args.cudnn_benchmark}"
         if cuda
-        else f"{torch.get_num_threads()} threads"
+        else f"{torch.get_num_threads()} threads, malloc {malloc}"
     )
     print(
         f"Omniglot 5-way 1-shot, meta-batch {args.meta_batch}, 1 inner step, second order, "
         f"{args.query} query/class, {args.dtype}, {where}"
     )
-    print(f"fp32 {n_matmul}^2 matmul: {peak:.1f} GFLOP/s; one iteration = {flops / 1e9:.2f} GFLOP")
-    ours_name = f"mamlops ({chosen})"
+    print(
+        f"fp32 {n_matmul}^2 matmul: {peak:.1f} GFLOP/s; one iteration = {flops / 1e9:.2f} GFLOP "
+        "(counted on the per-task loop)"
+    )
     ours = statistics.median(times[ours_name])
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -357,6 +385,21 @@ def main() -> None:
             f"mamlops speed-up {med / ours:5.2f}x (paired {ratio:4.2f}x)  "
             f"{rate:6.1f} GFLOP/s ({100 * rate / peak:3.0f}% of matmul)"
         )
+    if baselines:
+        speedups = {
+            b: statistics.median(a / o for a, o in zip(times[b], times[ours_name], strict=True))
+            for b in baselines
+        }
+        fastest = min(baselines, key=lambda b: statistics.median(times[b]))
+        share = flops / ours / 1e9 / peak
+        print(
+            f"targets: {speedups[fastest]:.2f}x the faster baseline ({fastest}) "
+            f"[target >= 1.5x: {'met' if speedups[fastest] >= 1.5 else 'NOT met'}]; "
+            f"{100 * share:.0f}% of the matmul rate "
+            f"[target >= 75%: {'met' if share >= 0.75 else 'NOT met'}]"
+        )
+    if args.profile and not cuda:
+        profile_step(ours_name, impls[ours_name], flops, peak)
     if args.paper_run_estimate:
         print(
             f"paper run estimate, {ours_name}: {ours * 1e3:.1f} ms/iter x {PAPER_ITERS:,} iters = "

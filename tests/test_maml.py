@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mamlops.maml import (
+    BATCHED_CPU_MAX_ACTIVATIONS,
     MAMLConfig,
     adapt,
     adapted_names,
@@ -19,6 +20,7 @@ from mamlops.maml import (
     init_meta_params,
     meta_loss,
     multi_step_weights,
+    resolve_strategy,
     use_first_order,
 )
 from mamlops.model import ConvNetConfig, batch_stats, forward
@@ -235,3 +237,35 @@ def test_schedules_and_clipping():
     assert clip_meta_grad(p, None).item() == pytest.approx(5.0)
     assert clip_meta_grad(p, 1.0).item() == pytest.approx(5.0)
     assert p["a"].grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_auto_strategy_rule():
+    omni = ConvNetConfig.for_dataset("omniglot", 5)
+    mini = ConvNetConfig.for_dataset("miniimagenet", 5)
+    small = BATCHED_CPU_MAX_ACTIVATIONS // (64 * 14 * 14)  # Omniglot first-layer activations
+    assert resolve_strategy("auto", "cpu", omni, 10) == "batched"  # paper 5-way 1-shot
+    assert resolve_strategy("auto", "cpu", omni, small) == "batched"
+    assert resolve_strategy("auto", "cpu", omni, small + 1) == "loop"
+    assert resolve_strategy("auto", "cpu", omni, 80) == "loop"  # 15 query/class (make run)
+    assert resolve_strategy("auto", "cpu", mini, 10) == "loop"  # 32 x 84 x 84 per image
+    assert resolve_strategy("auto", "cpu") == "loop"
+    assert resolve_strategy("auto", "cuda", omni, 80) == "batched"
+    assert resolve_strategy("loop", "cuda", omni, 10) == "loop"
+    assert resolve_strategy("batched", "cpu", omni, 80) == "batched"
+    with pytest.raises(ValueError, match="'loop' or 'batched'"):
+        resolve_strategy("vmap", "cpu")  # type: ignore[arg-type]
+
+
+def test_auto_picks_batched_for_small_cpu_tasks(monkeypatch):
+    """meta_loss passes the task size to the rule: small tasks run the batched form."""
+    import mamlops.maml as maml
+
+    calls = []
+    real = maml._query_logits_batched
+    monkeypatch.setattr(
+        maml, "_query_logits_batched", lambda *a: calls.append("batched") or real(*a)
+    )
+    cfg = STRIDED  # 4 x 4 x 4 activations per image: any small test task is "small"
+    mcfg = MAMLConfig(inner_lr=0.4, inner_steps=1)
+    meta_loss(_meta_params(cfg, mcfg), _tasks(cfg), cfg, mcfg)
+    assert calls == ["batched"]

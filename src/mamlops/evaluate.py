@@ -26,6 +26,7 @@ from torch import Tensor
 
 from mamlops import maml
 from mamlops.episodes import Tasks, episode_tasks, load_bank, load_episodes
+from mamlops.malloc import keep_freed_memory
 from mamlops.model import ConvNetConfig, Params, batch_stats_tasks, forward_tasks
 from mamlops.train import TrainConfig, resolve_device
 
@@ -75,6 +76,8 @@ def evaluate_setting(
     """
     steps, lr = resolve_inner(cfg, steps, lr)
     dev = resolve_device(cfg.device) if device is None else torch.device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # no effect on results; see malloc.py
     episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots)
     n = len(episodes) if limit is None else min(int(limit), len(episodes))
     if n < 1:

@@ -40,6 +40,12 @@ from mamlops.model import (
 
 Strategy = Literal["auto", "loop", "batched"]
 LR_PREFIX = "lr."
+# ``auto`` on a CPU: ``batched`` while a task's first-layer activations stay under this many
+# floats (1 MiB in fp32), else ``loop``. Measured on the 2-core dev CPU (docs/performance.md),
+# Omniglot 5-way 1-shot, meta-batch 32: batched 1.4x the loop at 10 images per task, 1.5x at
+# 20, even at 30, 0.6x at 80: a batch of large tasks spills out of cache, where the
+# task-at-a-time loop keeps its working set warm.
+BATCHED_CPU_MAX_ACTIVATIONS = 256 * 1024
 
 
 class TaskBatch(Protocol):
@@ -231,20 +237,31 @@ def use_first_order(maml_cfg: MAMLConfig, iteration: int) -> bool:
     return maml_cfg.first_order or iteration < maml_cfg.first_order_iters
 
 
-def resolve_strategy(strategy: Strategy, device: torch.device | str) -> str:
-    """``auto``: the per-task loop on CPU, the batched form on CUDA; else ``strategy`` as is.
+def resolve_strategy(
+    strategy: Strategy,
+    device: torch.device | str,
+    model_cfg: ConvNetConfig | None = None,
+    images_per_task: int | None = None,
+) -> str:
+    """``auto``: on CUDA the batched form; on a CPU ``batched`` for small tasks and the
+    per-task ``loop`` for large ones (``BATCHED_CPU_MAX_ACTIVATIONS``; ``loop`` when the task
+    size is not given). Any other ``strategy`` is returned as is.
 
-    On the 2-core CPU the loop (with fused BatchNorm) measured as fast as the grouped-conv
-    batch at 1 query image per class and 1.6x faster at 15 (docs/performance.md): oneDNN's
-    grouped conv backward is slow, and the CPU has no launch overhead to amortise. On CUDA
-    the loop's 32 x (small kernels) launch overhead dominates; batching is the standard remedy
-    there (not measured in this repo yet).
+    A fixed rule rather than timing both at start-up: the two round differently, and the same
+    seed and params must give the same metrics. On CUDA the loop's T x (small kernels) launch
+    overhead dominates and batching is the standard remedy (not measured in this repo yet).
     """
     if strategy not in ("auto", "loop", "batched"):
         raise ValueError(f"unknown strategy {strategy!r}: expected 'auto', 'loop' or 'batched'")
     if strategy != "auto":
         return strategy
-    return "batched" if torch.device(device).type == "cuda" else "loop"
+    if torch.device(device).type == "cuda":
+        return "batched"
+    if model_cfg is None or images_per_task is None:
+        return "loop"
+    side = model_cfg.image_size if model_cfg.max_pool else (model_cfg.image_size - 1) // 2 + 1
+    activations = images_per_task * model_cfg.hidden * side * side
+    return "batched" if activations <= BATCHED_CPU_MAX_ACTIVATIONS else "loop"
 
 
 def meta_loss(
@@ -267,7 +284,8 @@ def meta_loss(
         weights = multi_step_weights(steps, step, maml_cfg.multi_step_anneal_iters)
     else:
         weights = [1.0]  # only the final step's query loss
-    strategy = resolve_strategy(maml_cfg.strategy, tasks.xs.device)
+    images = tasks.xs.shape[1] + tasks.xq.shape[1]
+    strategy = resolve_strategy(maml_cfg.strategy, tasks.xs.device, model_cfg, images)
     if strategy == "batched":
         logits_per_step = _query_logits_batched(params, tasks, model_cfg, maml_cfg, first_order)
     else:

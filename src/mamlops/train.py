@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from . import maml
 from .episodes import TaskSampler, episode_tasks, load_bank, load_episodes
 from .files import atomic_write, write_text
+from .malloc import keep_freed_memory
 from .model import ConvNetConfig, Params
 from .params import ParamsError
 
@@ -258,6 +259,8 @@ def train(
     at that step (tests use it to simulate an interruption without killing the process).
     """
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # no effect on results; see malloc.py
     model_cfg, maml_cfg = cfg.model_cfg, cfg.maml_cfg
     train_bank = load_bank(prepared_dir, "train").to(device)
     sampler = TaskSampler(train_bank, cfg.ways, cfg.shots, cfg.query, seed=cfg.seed)
