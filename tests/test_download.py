@@ -13,6 +13,9 @@ import json
 import os
 import runpy
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -83,6 +86,36 @@ def _drop_tmp_trees(tmp_path: Path) -> Iterator[None]:
 def _leftovers(dest: Path) -> list[str]:
     """Temporary folders the stage left beside ``dest`` (there must be none)."""
     return [p.name for p in dest.parent.iterdir() if p.name != dest.name]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    return int(proc.stdout)
+
+
+def _abandoned_workdir(dest: Path, host: str | None = None, pid: int | None = None) -> Path:
+    host = socket.gethostname() if host is None else host
+    pid = _dead_pid() if pid is None else pid
+    path = dest.parent / f".{dest.name}-tmp-{host}-{pid}-abc_123"
+    (path / "staged").mkdir(parents=True)
+    (path / "staged" / "half.png").write_bytes(b"\x89PNG")
+    return path
+
+
+def test_sweep_removes_only_abandoned_workdirs(tmp_path: Path) -> None:
+    dest = tmp_path / "omniglot"
+    dead = _abandoned_workdir(dest)
+    live = _abandoned_workdir(dest, pid=os.getpid())
+    other_host = _abandoned_workdir(dest, host="some-other-node-7")
+    unknown = dest.parent / f".{dest.name}-tmp-xyz"
+    unknown.mkdir()
+    assert download.sweep_abandoned(dest) == [dead]
+    assert not dead.exists() and live.exists() and other_host.exists() and unknown.exists()
 
 
 def _snapshot(dest: Path) -> tuple[int, str]:
@@ -166,6 +199,7 @@ def test_fetch_over_http_replaces_earlier_copy(
     dest = tmp_path / "omniglot"
     dest.mkdir()
     (dest / download.VERIFIED_NAME).write_text("{}")  # an earlier copy, to be replaced
+    abandoned = _abandoned_workdir(dest)  # as a download killed with SIGKILL leaves it
     before = _snapshot(dest)
     _QuietHandler.requested.clear()
     base = serve(MIRROR)
@@ -177,6 +211,7 @@ def test_fetch_over_http_replaces_earlier_copy(
     assert _QuietHandler.requested == ["/" + EVAL_ZIP]
     assert _snapshot(dest) != before  # swapped in: a new folder with its own marker
     assert json.loads((dest / "VERIFIED.json").read_text())["source"] == base
+    assert not abandoned.exists()
     assert _leftovers(dest) == []
 
 

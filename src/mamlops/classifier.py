@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from mamlops import preprocess
-from mamlops.files import atomic_write
+from mamlops.files import write_safetensors
 from mamlops.model import BN_EPS, N_BLOCKS, BNStats, ConvNetConfig, Params, forward
 
 FORMAT_NAME = "mamlops-classifier"
@@ -142,9 +141,9 @@ class Classifier:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write one .safetensors file atomically (temp file in the same folder, then rename)."""
-        tensors, meta = self.tensors(), self.metadata()
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        """Write one .safetensors file atomically (temp file in the same folder, then rename),
+        byte-identical for identical content."""
+        return write_safetensors(path, self.tensors(), self.metadata())
 
     @classmethod
     def load(cls, path: str | Path) -> Classifier:

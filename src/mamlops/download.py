@@ -19,6 +19,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import tempfile
 import urllib.parse
 import urllib.request
@@ -313,6 +314,41 @@ def _swap_in(staged: Path, dest: Path, workdir: Path) -> None:
         staged.rename(dest)
 
 
+def _tmp_prefix(dest: Path) -> str:
+    """Work folders are named after host and pid, so a later run can tell an abandoned one
+    (its process is gone, e.g. killed with SIGKILL) from one in use."""
+    return f".{dest.name}-tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def sweep_abandoned(dest: Path) -> list[Path]:
+    """Remove work folders beside ``dest`` left by dead download processes of this host.
+
+    Folders of live processes, of other hosts (a shared file system) and of unknown naming are
+    left alone. Returns what was removed.
+    """
+    removed = []
+    host, prefix = socket.gethostname(), f".{Path(dest).name}-tmp-"
+    for path in Path(dest).parent.glob(prefix + "*"):
+        # host-pid-suffix: a host name may contain dashes, the pid and mkdtemp's suffix do not
+        parts = path.name[len(prefix) :].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        if not _process_alive(int(parts[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def fetch_omniglot(
     dest: Path, mirror: str | None = None, *, force: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -330,7 +366,8 @@ def fetch_omniglot(
             return kept
     kind, base = _source(mirror)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}-tmp-", dir=dest.parent))
+    sweep_abandoned(dest)
+    workdir = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dest), dir=dest.parent))
     try:
         # Fetch and open both zips before extracting so a bad container fails fast.
         archives = [

@@ -39,6 +39,26 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def write_safetensors(
+    path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> Path:
+    """``tensors`` (torch) as safetensors, atomically, and byte-identical for identical input.
+
+    The safetensors writer serialises ``metadata`` from a Rust HashMap, so its key order (and
+    with it the file's md5, which DVC tracks) changes from process to process. The header is
+    re-serialised here with sorted keys; tensor data and offsets are untouched.
+    """
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
+    data = len(text).to_bytes(8, "little") + text + blob[8 + size :]
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import maml
 from .episodes import TaskSampler, episode_tasks, load_bank, load_episodes
-from .files import atomic_write, write_text
+from .files import atomic_write, write_safetensors, write_text
 from .malloc import keep_freed_memory
 from .model import ConvNetConfig, Params
 from .params import ParamsError
@@ -158,7 +158,7 @@ def resolve_device(name: str) -> torch.device:
 def save_theta(params: Params, path: Path, metadata: dict[str, str]) -> None:
     """theta as safetensors (loadable without unpickling), written atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
+    write_safetensors(path, tensors, metadata)
 
 
 def theta_file(model_dir: Path, checkpoint: str, key: str) -> Path:
