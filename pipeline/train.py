@@ -45,6 +45,7 @@ def main(setting: str) -> None:
             "resumed_from": result.resumed_from,
         }
         write_json(metrics_path, metrics)
+        mlflow.set_tag("mamlops.strategy", result.strategy)
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
         curves_png = training_curves(
             result.history, out_dir / "training_curves.png", f"{setting}: meta-training"

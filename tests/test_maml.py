@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mamlops import params as P
 from mamlops.maml import (
     BATCHED_CPU_MAX_ACTIVATIONS,
     MAMLConfig,
@@ -24,6 +26,9 @@ from mamlops.maml import (
     use_first_order,
 )
 from mamlops.model import ConvNetConfig, batch_stats, forward
+from mamlops.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 STRIDED = ConvNetConfig(in_channels=1, ways=3, hidden=4, max_pool=False, image_size=8)
 POOLED = ConvNetConfig(in_channels=3, ways=3, hidden=4, max_pool=True, image_size=16)
@@ -246,9 +251,12 @@ def test_auto_strategy_rule():
     assert resolve_strategy("auto", "cpu", omni, 10) == "batched"  # paper 5-way 1-shot
     assert resolve_strategy("auto", "cpu", omni, small) == "batched"
     assert resolve_strategy("auto", "cpu", omni, small + 1) == "loop"
-    assert resolve_strategy("auto", "cpu", omni, 80) == "loop"  # 15 query/class (make run)
+    assert resolve_strategy("auto", "cpu", omni, 80) == "loop"  # 15 query/class
     assert resolve_strategy("auto", "cpu", mini, 10) == "loop"  # 32 x 84 x 84 per image
     assert resolve_strategy("auto", "cpu") == "loop"
+    default = TrainConfig.from_params(P.load(REPO / "params.yaml"), "omniglot-5w1s")  # make run
+    images = default.ways * (default.shots + default.query)
+    assert resolve_strategy(default.strategy, "cpu", omni, images) == "batched"
     assert resolve_strategy("auto", "cuda", omni, 80) == "batched"
     assert resolve_strategy("loop", "cuda", omni, 10) == "loop"
     assert resolve_strategy("batched", "cpu", omni, 80) == "batched"

@@ -126,6 +126,8 @@ def test_mlflow_run_recorded(repo: Path) -> None:
         tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_id,)))
         assert tags["dvc.stage"] == f"train@{SETTING}"
         assert len(tags["mlflow.source.git.commit"]) == 40
+        # 5-way 1-shot with 5 query/class is 30 images per task: past the CPU batched limit
+        assert tags["mamlops.strategy"] == "loop"
     finally:
         con.close()
 

@@ -215,6 +215,7 @@ class TrainResult:
     seconds: float
     resumed_from: int
     history: list[dict[str, float]]
+    strategy: str  # the execution ``strategy: auto`` resolved to (loop or batched)
 
 
 def learned_inner_lrs(params: Params) -> dict[str, float]:
@@ -388,6 +389,9 @@ def train(
         seconds=seconds,
         resumed_from=resumed_from,
         history=history,
+        strategy=maml.resolve_strategy(
+            cfg.strategy, device, model_cfg, cfg.ways * (cfg.shots + cfg.query)
+        ),
     )
 
 
