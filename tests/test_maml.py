@@ -256,7 +256,7 @@ def test_auto_strategy_rule():
     assert resolve_strategy("auto", "cpu") == "loop"
     default = TrainConfig.from_params(P.load(REPO / "params.yaml"), "omniglot-5w1s")  # make run
     images = default.ways * (default.shots + default.query)
-    assert resolve_strategy(default.strategy, "cpu", omni, images) == "batched"
+    assert resolve_strategy(default.strategy, "cpu", omni, images) == "loop"
     assert resolve_strategy("auto", "cuda", omni, 80) == "batched"
     assert resolve_strategy("loop", "cuda", omni, 10) == "loop"
     assert resolve_strategy("batched", "cpu", omni, 80) == "batched"
