@@ -41,6 +41,9 @@ def test_paper_shapes():
     omni = ConvNetConfig.for_dataset("omniglot", 5)
     mini = ConvNetConfig.for_dataset("miniimagenet", 5)
     assert omni.feature_dim == 64 and mini.feature_dim == 32 * 5 * 5
+    assert (omni.stride, mini.stride) == (2, 1)
+    assert omni.first_block_activations == 64 * 14 * 14
+    assert mini.first_block_activations == 32 * 84 * 84
     assert forward(init_params(omni), torch.randn(4, 1, 28, 28), omni).shape == (4, 5)
     assert "conv0.bias" not in init_params(omni)
 

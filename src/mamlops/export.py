@@ -43,7 +43,6 @@ class FoldedNet(nn.Module):
     def __init__(self, weights: dict[str, Tensor], cfg: ConvNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.stride = 1 if cfg.max_pool else 2
         for name, tensor in weights.items():
             self.register_buffer(name.replace(".", "_"), tensor.detach().clone())
 
@@ -51,7 +50,7 @@ class FoldedNet(nn.Module):
         h = x
         for i in range(N_BLOCKS):
             w, b = getattr(self, f"conv{i}_weight"), getattr(self, f"conv{i}_bias")
-            h = F.relu(F.conv2d(h, w, b, stride=self.stride, padding=1))
+            h = F.relu(F.conv2d(h, w, b, stride=self.cfg.stride, padding=1))
             if self.cfg.max_pool:
                 h = F.max_pool2d(h, 2)
         feats = h.flatten(1) if self.cfg.max_pool else h.mean(dim=(2, 3))

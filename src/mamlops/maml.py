@@ -259,8 +259,7 @@ def resolve_strategy(
         return "batched"
     if model_cfg is None or images_per_task is None:
         return "loop"
-    side = model_cfg.image_size if model_cfg.max_pool else (model_cfg.image_size - 1) // 2 + 1
-    activations = images_per_task * model_cfg.hidden * side * side
+    activations = images_per_task * model_cfg.first_block_activations
     return "batched" if activations <= BATCHED_CPU_MAX_ACTIVATIONS else "loop"
 
 

@@ -45,6 +45,17 @@ class ConvNetConfig:
         raise ValueError(f"unknown dataset {dataset!r}: expected 'omniglot' or 'miniimagenet'")
 
     @property
+    def stride(self) -> int:
+        """Conv stride: 2 downsamples Omniglot; miniImageNet downsamples by max-pool instead."""
+        return 1 if self.max_pool else 2
+
+    @property
+    def first_block_activations(self) -> int:
+        """Floats per image out of the first conv (3x3, padding 1): the largest activation."""
+        side = (self.image_size - 1) // self.stride + 1
+        return self.hidden * side * side
+
+    @property
     def feature_dim(self) -> int:
         if not self.max_pool:
             return self.hidden  # spatial mean, as the paper code does for Omniglot
@@ -88,8 +99,7 @@ def _xavier_uniform(w: Tensor, generator: torch.Generator | None) -> None:
 
 
 def _conv(params: Params, i: int, x: Tensor, cfg: ConvNetConfig) -> Tensor:
-    stride = 1 if cfg.max_pool else 2
-    return F.conv2d(x, params[f"conv{i}.weight"], stride=stride, padding=1)
+    return F.conv2d(x, params[f"conv{i}.weight"], stride=cfg.stride, padding=1)
 
 
 def _bn_affine(params: Params, i: int, step: int, task_dim: bool) -> tuple[Tensor, Tensor]:
@@ -231,9 +241,8 @@ def forward_tasks(
     """
     n_tasks, batch = x.shape[:2]
     h = _fold(x)
-    stride = 1 if cfg.max_pool else 2
     for i in range(N_BLOCKS):
-        h = _task_conv(h, params[f"conv{i}.weight"], stride)
+        h = _task_conv(h, params[f"conv{i}.weight"], cfg.stride)
         weight, bias = _bn_affine(params, i, step, task_dim=True)
         if bn_stats is None:
             h = F.batch_norm(h, None, None, weight.reshape(-1), bias.reshape(-1), True, 0.0, BN_EPS)
@@ -256,10 +265,9 @@ def batch_stats_tasks(params: Params, x: Tensor, cfg: ConvNetConfig, *, step: in
     """
     stats: BNStats = []
     h = _fold(x)
-    stride = 1 if cfg.max_pool else 2
     with torch.no_grad():
         for i in range(N_BLOCKS):
-            h = _task_conv(h, params[f"conv{i}.weight"], stride)
+            h = _task_conv(h, params[f"conv{i}.weight"], cfg.stride)
             mean, var = h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), unbiased=False)
             stats.append((mean, var))
             weight, bias = _bn_affine(params, i, step, task_dim=True)
