@@ -20,7 +20,7 @@ install: $(BIN)/mamlops
 
 run: install
 	$(BIN)/dvc repro
-	$(BIN)/python -m mamlops.report --readme README.md
+	$(BIN)/mamlops report --readme README.md
 
 test: install
 	$(BIN)/pytest -q
@@ -43,7 +43,7 @@ bench: install
 
 # The README's results table, rebuilt from metrics/eval/*.json.
 report: install
-	$(BIN)/python -m mamlops.report --readme README.md
+	$(BIN)/mamlops report --readme README.md
 
 # The MAML paper's Omniglot configs (60,000 iterations each: for a GPU), as DVC experiments:
 # `make paper-omniglot-5w1s` trains one, `make paper-omniglot` all four.

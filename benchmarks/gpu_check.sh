@@ -1,19 +1,15 @@
 #!/usr/bin/env bash
-# GPU check of MAML meta-training, for a session lent a CUDA machine (written for an H100).
+# GPU check of MAML meta-training on a CUDA machine (written for an H100).
 #
-# Call it through the device tool's `run`, from the repo root, with nothing carried:
-#     command: bash benchmarks/gpu_check.sh        timeout_s: 300
-# To time `higher` too on a machine that cannot reach PyPI, carry its pure-python package from
-# the local venv (an ignored path; nothing else of the venv is used there):
-#     carry: [".venv/lib/python3.11/site-packages/higher"]
-# Run locally (CPU) only to smoke-test: PYTHON=.venv/bin/python DEVICE=cpu ITERS=1 REPEATS=1 \
+# Run from the repository root with a Python that has torch with CUDA:
+#     bash benchmarks/gpu_check.sh
+# Run on a CPU only to smoke-test: PYTHON=.venv/bin/python DEVICE=cpu ITERS=1 REPEATS=1 \
 #     META_BATCH=4 bash benchmarks/gpu_check.sh
 #
-# Assumes `python3` there has torch with CUDA (the venv does not exist there); installs nothing
-# but higher==0.2.1 (--no-deps, never touching torch), and only when it is missing, not carried
-# and pip can fetch it; otherwise the benchmarks run with --no-higher. Steps, each under its own
-# timeout: nvidia-smi -L; float64 meta-gradient check batched vs loop (BN on, second order);
-# the benchmark at 1 and 15 query images per class (paper config, meta-batch 32) with the
+# Installs nothing but higher==0.2.1 (--no-deps, never touching torch), and only when it is
+# missing and pip can fetch it; otherwise the benchmarks run with --no-higher. Steps, each under
+# its own timeout: nvidia-smi -L; float64 meta-gradient check batched vs loop (BN on, second
+# order); the benchmark at 1 and 15 query images per class (paper config, meta-batch 32) with the
 # paper-run estimate; the 1-query benchmark again with cudnn.benchmark on. Expected (not yet
 # measured) total on an H100: 1-2 minutes, mostly python/CUDA start-up; each step is capped at
 # STEP_TIMEOUT=120 s. Everything goes to stdout and to

@@ -18,8 +18,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from mamlops import params as P
-from mamlops.train import TrainConfig, train
+from mamlops.config import TrainConfig, load_params
+from mamlops.train import train
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--val-every", type=int, default=None, help="default: iterations / 5")
     ap.add_argument("--prepared", type=Path, default=Path("data/prepared/omniglot"))
     args = ap.parse_args()
-    base = TrainConfig.from_params(P.load(), args.setting)
+    base = TrainConfig.from_params(load_params(), args.setting)
     for spec in args.runs:
         query, iterations = (int(v) for v in spec.split(":"))
         every = args.val_every or max(iterations // 5, 1)

@@ -1,4 +1,4 @@
-"""Shared fixtures: real Omniglot, extracted and prepared once per test session.
+"""Shared fixtures and helpers: real Omniglot, extracted and prepared once per test session.
 
 The data come from the local mirror (``MAMLOPS_DATA_MIRROR`` if set, else ``shared/data/omniglot``
 beside the repository); tests that need them are skipped cleanly when it is absent.
@@ -6,17 +6,31 @@ beside the repository); tests that need them are skipped cleanly when it is abse
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from mamlops import params
-from mamlops.prepare import prepare_config, prepare_omniglot
+from mamlops import preprocess
+from mamlops.classifier import Classifier
+from mamlops.config import PrepareConfig, load_params
+from mamlops.model import ConvNetConfig, batch_stats, init_params
+from mamlops.prepare import prepare_omniglot
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT_ZIPS = ("images_background.zip", "images_evaluation.zip")
@@ -33,7 +47,7 @@ def omniglot_mirror() -> Path:
 @pytest.fixture(scope="session")
 def repo_params() -> dict:
     """The repository's ``params.yaml``."""
-    return params.load(REPO / "params.yaml")
+    return load_params(REPO / "params.yaml")
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +79,7 @@ def omniglot_prepared(
 ) -> Path:
     """Omniglot prepared with the repository's params (Vinyals split, 28x28)."""
     out = tmp_path_factory.mktemp("prepared") / "omniglot"
-    prepare_omniglot(omniglot_raw, out, prepare_config(repo_params))
+    prepare_omniglot(omniglot_raw, out, PrepareConfig.from_params(repo_params))
     return out
 
 
@@ -74,7 +88,7 @@ class TrainedTheta:
 
     def __init__(self, path: Path, cfg: object, prepared: Path) -> None:
         self.path = path  # theta_best.safetensors
-        self.cfg = cfg  # mamlops.train.TrainConfig
+        self.cfg = cfg  # mamlops.config.TrainConfig
         self.prepared = prepared
 
 
@@ -87,25 +101,28 @@ def trained_theta(
     check real behaviour rather than plumbing on random weights."""
     import torch
 
-    from mamlops.train import TrainConfig, train
+    from mamlops.config import TrainConfig
+    from mamlops.train import train
 
-    cfg = TrainConfig(
-        name="test-omniglot-5w1s",
-        dataset="omniglot",
-        ways=5,
-        shots=1,
-        query=5,
-        meta_batch=8,
-        inner_lr=0.4,
-        inner_steps=1,
-        test_inner_steps=3,
-        meta_lr=0.001,
-        iterations=100,
-        device="cpu",
-        val_every=50,
-        val_episodes=20,
-        checkpoint_every=0,
-        log_every=10,
+    cfg = TrainConfig.from_flat(
+        dict(
+            name="test-omniglot-5w1s",
+            dataset="omniglot",
+            ways=5,
+            shots=1,
+            query=5,
+            meta_batch=8,
+            inner_lr=0.4,
+            inner_steps=1,
+            test_inner_steps=3,
+            meta_lr=0.001,
+            iterations=100,
+            device="cpu",
+            val_every=50,
+            val_episodes=20,
+            checkpoint_every=0,
+            log_every=10,
+        )
     )
     root = tmp_path_factory.mktemp("trained")
     # one thread: these convs are tiny, and on a busy 2-core machine two threads mostly wait on
@@ -117,3 +134,91 @@ def trained_theta(
     finally:
         torch.set_num_threads(threads)
     return TrainedTheta(root / "model" / "theta_best.safetensors", cfg, omniglot_prepared)
+
+
+# ----------------------------------------------------------------------- shared helpers
+# An adapted-style classifier on real drawings (test_classifier, test_export, test_serve) and
+# an `mlflow models serve` process (test_serve, test_pipeline).
+
+WAYS = 5
+
+
+def omniglot_pngs(ways: int = WAYS, per_class: int = 3) -> list[list[bytes]]:
+    """PNG bytes of ``per_class`` drawings for each of the first ``ways`` characters."""
+    zpath = omniglot_mirror() / "images_evaluation.zip"
+    if not zpath.is_file():
+        pytest.skip(f"{zpath} not found")
+    with zipfile.ZipFile(zpath) as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(".png"))
+        by_char: dict[str, list[str]] = {}
+        for name in names:
+            by_char.setdefault(name.rsplit("/", 1)[0], []).append(name)
+        chars = sorted(by_char)[:ways]
+        return [[zf.read(n) for n in by_char[c][:per_class]] for c in chars]
+
+
+def to_tensor(pngs: list[bytes]) -> torch.Tensor:
+    arrays = np.stack([preprocess.load_image(Image.open(io.BytesIO(b)), "omniglot") for b in pngs])
+    return torch.from_numpy(preprocess.to_float_numpy(arrays, "omniglot"))
+
+
+def build_classifier(seed: int = 0) -> tuple[Classifier, list[bytes]]:
+    """(classifier with support-set BN stats, held-out query PNGs)."""
+    pngs = omniglot_pngs()
+    support = to_tensor([imgs[0] for imgs in pngs])
+    queries = [b for imgs in pngs for b in imgs[1:]]
+    cfg = ConvNetConfig.for_dataset("omniglot", WAYS)
+    params = init_params(cfg, torch.Generator().manual_seed(seed))
+    stats = batch_stats(params, support, cfg)
+    labels = [f"char{i}" for i in range(WAYS)]
+    provenance = {"seed": seed, "inner_steps": 0, "note": "random init, test fixture"}
+    return Classifier(params, stats, cfg, labels, "omniglot", "ab" * 32, provenance), queries
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_models_serve(model_uri: str, tracking_uri: str) -> Iterator[str]:
+    """`mlflow models serve` on a free 127.0.0.1 port as its own process group; yields its URL
+    once /ping answers, and kills the group (mlflow and its uvicorn child) afterwards."""
+    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent))
+    assert mlflow_bin, "mlflow CLI not found next to the interpreter"
+    port = free_port()
+    # mlflow execs a bare `uvicorn`: the venv's bin must be on PATH even when not activated
+    path = f"{Path(mlflow_bin).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {
+        **os.environ,
+        "PATH": path,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_REGISTRY_URI": tracking_uri,
+    }
+    cmd = [mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    cmd += ["-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read().decode()[-3000:])
+            try:
+                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "mlflow models serve did not come up in 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -11,7 +11,6 @@ import http.server
 import io
 import json
 import os
-import runpy
 import shutil
 import socket
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 from PIL import Image
 
 from mamlops import download
+from mamlops.config import DataConfig, load_params
 from mamlops.download import DataError, fetch_omniglot, resolve_mirror, verify_omniglot
 
 MIRROR = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -166,7 +166,8 @@ def test_fetch_from_local_mirror(fetched: tuple[Path, dict]) -> None:
     dest, summary = fetched
     record = download.load_record()["sets"]
     assert summary["skipped"] is False
-    assert summary["source"] == str(MIRROR)
+    # the stage records the resolved folder; ../shared may be reached through a symlink
+    assert Path(summary["source"]).resolve() == MIRROR.resolve()
     for name in download.SETS:
         assert summary["fingerprints"][name] == record[name]["fingerprint"]
     assert summary["counts"]["images_background"] == {"characters": 964, "images": 19280}
@@ -303,17 +304,48 @@ def test_resolve_mirror(monkeypatch) -> None:
     assert resolve_mirror("some/folder") == "some/folder"
     monkeypatch.setenv(download.ENV_MIRROR, "http://example.invalid/omniglot")
     assert resolve_mirror("some/folder") == "http://example.invalid/omniglot"
+    assert resolve_mirror("some/folder", flag="explicit/one") == "explicit/one"  # the flag wins
+
+
+def test_cli_mirror_flag_wins_over_the_environment(tmp_path: Path, monkeypatch) -> None:
+    """`mamlops download --mirror A` with MAMLOPS_DATA_MIRROR=B must use A, as its help says."""
+    from typer.testing import CliRunner
+
+    from mamlops.cli import app
+
+    monkeypatch.setenv(download.ENV_MIRROR, str(tmp_path / "from-the-environment"))
+    flag = tmp_path / "from-the-flag"
+    result = CliRunner().invoke(
+        app, ["download", "--mirror", str(flag), "--dest", str(tmp_path / "dest")]
+    )
+    assert result.exit_code == 1
+    assert "from-the-flag" in result.output and "from-the-environment" not in result.output
+    assert "Traceback" not in result.output
 
 
 def test_mirror_sources(monkeypatch) -> None:
     monkeypatch.chdir(MIRROR.parent.parent)  # relative folders resolve against the working dir
-    assert download._source("data/omniglot") == ("dir", str(MIRROR))
+    kind, folder = download._source("data/omniglot")
+    assert kind == "dir" and Path(folder).is_absolute()
+    assert Path(folder).resolve() == MIRROR.resolve()  # another spelling of the same folder
     assert download._source(None) == ("url", download.OFFICIAL_BASE)
     assert download._source("file:///x/y") == ("url", "file:///x/y/")
     with pytest.raises(DataError, match="does not exist"):
         download._source("no/such/folder")
     with pytest.raises(DataError, match="only http"):
         download._source("ftp://example.invalid/")
+
+
+def test_symlinked_mirror_is_the_same_folder(tmp_path: Path) -> None:
+    """A mirror named through a symlink: the source is that folder, whatever the spelling."""
+    link = tmp_path / "linked-mirror"
+    link.symlink_to(MIRROR, target_is_directory=True)
+    kind, folder = download._source(str(link))
+    assert kind == "dir"
+    assert Path(folder).resolve() == MIRROR.resolve() == link.resolve()
+    (tmp_path / "sub").mkdir()
+    dotted = f"{tmp_path}/./sub/../{link.name}"  # yet another spelling, relative parts
+    assert Path(download._source(dotted)[1]).resolve() == MIRROR.resolve()
 
 
 def test_pipeline_stage_keeps_verified_copy(
@@ -329,8 +361,7 @@ def test_pipeline_stage_keeps_verified_copy(
             shutil.copytree(source, target, copy_function=os.link)
         else:
             shutil.copyfile(source, target)
-    stage = runpy.run_path(str(REPO / "pipeline" / "download.py"), run_name="stage")
-    assert stage["main"]() == 0
+    download.download_stage(DataConfig.from_params(load_params()), Path("data/raw/omniglot"))
     out = capsys.readouterr().out
     assert "kept (already verified)" in out
     assert "images_evaluation: 659 characters, 13180 images" in out

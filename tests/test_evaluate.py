@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from mamlops.checkpoint import load_theta
 from mamlops.episodes import episode_tasks, load_episodes
 from mamlops.evaluate import evaluate_setting, mean_ci95, predict_tasks
 from mamlops.figures import episode_grid, steps_rows, write_steps_csv
-from mamlops.train import load_theta
+from mamlops.model import ConvNetConfig
 
 N_EPISODES = 100
 
@@ -75,7 +76,8 @@ def test_episode_grid_and_steps_csv(theta, trained_theta, result: dict, tmp_path
     cfg = trained_theta.cfg
     episodes = load_episodes(trained_theta.prepared, "test", cfg.ways, cfg.shots)
     tasks = episode_tasks(trained_theta.prepared, episodes, 0, 3)
-    preds = predict_tasks(theta, tasks, cfg.model_cfg, cfg.test_inner_steps, cfg.inner_lr)
+    model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
+    preds = predict_tasks(theta, tasks, model_cfg, cfg.test_inner_steps, cfg.inner_lr)
     assert preds.shape == tasks.yq.shape
     assert (preds == tasks.yq).float().mean() > 0.4
     png = episode_grid(tasks, preds, tmp_path / "grid.png", episodes=2, title="test")
@@ -113,7 +115,13 @@ def _write_metrics(root, setting: str, **extra) -> None:
 
 
 def test_report_table_and_readme(tmp_path) -> None:
+    from typer.testing import CliRunner
+
     from mamlops import report
+    from mamlops.cli import app
+
+    def cli(*args: str) -> int:
+        return CliRunner().invoke(app, ["report", *args]).exit_code
 
     metrics = tmp_path / "metrics"
     _write_metrics(metrics, "omniglot-5w1s")
@@ -126,14 +134,14 @@ def test_report_table_and_readme(tmp_path) -> None:
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{report.START}\nold\n{report.END}\ntail\n")
-    assert report.main(["--metrics", str(metrics), "--readme", str(readme)]) == 0
+    assert cli("--metrics", str(metrics), "--readme", str(readme)) == 0
     text = readme.read_text()
     assert "old" not in text and "95.10 ± 0.60" in text and text.endswith(f"{report.END}\ntail\n")
-    assert report.main(["--metrics", str(metrics), "--readme", str(readme)]) == 0
+    assert cli("--metrics", str(metrics), "--readme", str(readme)) == 0
     assert readme.read_text() == text  # idempotent
 
     readme.write_text("# no markers\n")
     with pytest.raises(report.ReportError, match="markers"):
         report.update_readme(readme, table)
-    assert report.main(["--metrics", str(metrics), "--readme", str(readme)]) == 2
+    assert cli("--metrics", str(metrics), "--readme", str(readme)) == 1
     assert readme.read_text() == "# no markers\n"

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import build_classifier, to_tensor
 from PIL import Image
-from test_classifier import build_classifier, to_tensor
 
 from mamlops.classifier import Classifier
 from mamlops.export import DEFAULT_OPSET, export_onnx, folded_module

@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamlops import params as P
+from mamlops.config import MAMLConfig, TrainConfig, load_params
 from mamlops.maml import (
     BATCHED_CPU_MAX_ACTIVATIONS,
-    MAMLConfig,
     adapt,
     adapted_names,
     clip_meta_grad,
@@ -26,7 +25,6 @@ from mamlops.maml import (
     use_first_order,
 )
 from mamlops.model import ConvNetConfig, batch_stats, forward
-from mamlops.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -254,9 +252,11 @@ def test_auto_strategy_rule():
     assert resolve_strategy("auto", "cpu", omni, 80) == "loop"  # 15 query/class
     assert resolve_strategy("auto", "cpu", mini, 10) == "loop"  # 32 x 84 x 84 per image
     assert resolve_strategy("auto", "cpu") == "loop"
-    default = TrainConfig.from_params(P.load(REPO / "params.yaml"), "omniglot-5w1s")  # make run
+    default = TrainConfig.from_params(
+        load_params(REPO / "params.yaml"), "omniglot-5w1s"
+    )  # make run
     images = default.ways * (default.shots + default.query)
-    assert resolve_strategy(default.strategy, "cpu", omni, images) == "loop"
+    assert resolve_strategy(default.maml.strategy, "cpu", omni, images) == "loop"
     assert resolve_strategy("auto", "cuda", omni, 80) == "batched"
     assert resolve_strategy("loop", "cuda", omni, 10) == "loop"
     assert resolve_strategy("batched", "cpu", omni, 80) == "batched"

@@ -9,11 +9,10 @@ import torch.nn.functional as F
 from mamlops.model import (
     N_BLOCKS,
     ConvNetConfig,
-    _conv,
-    _finish_block,
     _head,
     batch_stats,
     batch_stats_tasks,
+    block,
     expand_params,
     forward,
     forward_tasks,
@@ -104,7 +103,8 @@ def test_conv_bias_canary_has_zero_gradient():
     def fwd(p, x):
         h = x
         for i in range(N_BLOCKS):
-            h = _finish_block(p, i, _conv(p, i, h, cfg) + biases[i][None, :, None, None], cfg, None)
+            bn = (p[f"bn{i}.weight"], p[f"bn{i}.bias"])
+            h = block(h, p[f"conv{i}.weight"], cfg, bias=biases[i], bn=bn)
         return _head(p, h, cfg)
 
     xs = torch.randn(6, 1, 8, 8, dtype=torch.float64)

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import OMNIGLOT_ZIPS, REPO, omniglot_mirror
-from test_serve import _free_port, mlflow_models_serve
+from conftest import OMNIGLOT_ZIPS, REPO, free_port, mlflow_models_serve, omniglot_mirror
 
 from mamlops import tracking
 
@@ -217,7 +216,7 @@ def test_cli_predict_and_http_serve_agree_on_real_images(
     )
     assert [line.split("\t")[1] for line in torch_out.strip().splitlines()] == cli
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [mamlops, "serve", str(onnx_path), "--host", "127.0.0.1", "--port", str(port)],
         cwd=repo,

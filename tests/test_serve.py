@@ -3,25 +3,17 @@ MLflow registry + ``mlflow models serve`` answers like onnxruntime does."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import uvicorn
+from conftest import build_classifier, mlflow_models_serve, to_tensor
 from PIL import Image
-from test_classifier import build_classifier, to_tensor
 
 from mamlops.export import export_onnx
 from mamlops.onnx_predict import OnnxClassifier
@@ -164,55 +156,6 @@ def test_single_model_file_needs_no_model_name(setup) -> None:
     with ThreadServer(create_app(setup["folder"] / "alpha.onnx")) as url:
         resp = httpx.post(f"{url}/predict", files=_files(setup["queries"][:2]), timeout=30)
     assert resp.status_code == 200 and resp.json()["model"] == "alpha"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def mlflow_models_serve(model_uri: str, tracking_uri: str) -> Iterator[str]:
-    """`mlflow models serve` on a free 127.0.0.1 port as its own process group; yields its URL
-    once /ping answers, and kills the group (mlflow and its uvicorn child) afterwards."""
-    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent))
-    assert mlflow_bin, "mlflow CLI not found next to the interpreter"
-    port = _free_port()
-    # mlflow execs a bare `uvicorn`: the venv's bin must be on PATH even when not activated
-    path = f"{Path(mlflow_bin).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {
-        **os.environ,
-        "PATH": path,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "MLFLOW_REGISTRY_URI": tracking_uri,
-    }
-    cmd = [mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local"]
-    cmd += ["-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(proc.stdout.read().decode()[-3000:])
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mlflow models serve did not come up in 120 s"
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.mark.slow

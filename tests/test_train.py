@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from mamlops import maml
 from mamlops import train as train_mod
-from mamlops.params import ParamsError
-from mamlops.train import NonFiniteLossError, TrainConfig, train, write_history
+from mamlops.config import ParamsError, TrainConfig
+from mamlops.train import NonFiniteLossError, train, write_history
 
 TINY = {
     "dataset": "omniglot",
@@ -111,7 +111,8 @@ RUNNER = """
 import sys, json
 from pathlib import Path
 import torch
-from mamlops.train import TrainConfig, train
+from mamlops.config import TrainConfig
+from mamlops.train import train
 torch.set_num_threads(int(sys.argv[5]))  # bitwise equality needs the same reduction order
 params = json.loads(sys.argv[1])
 cfg = TrainConfig.from_params(params, "tiny")

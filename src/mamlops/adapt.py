@@ -20,7 +20,6 @@ support images); this is allowed, recorded in the provenance and announced with
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,15 +30,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mamlops import maml
+from mamlops.checkpoint import load_theta
 from mamlops.classifier import Classifier, file_sha256
+from mamlops.errors import UserError
 from mamlops.model import ConvNetConfig, batch_stats, forward
 from mamlops.preprocess import load_image, to_float
-from mamlops.train import load_theta
 
 BATCH = 256
 
 
-class AdaptInputError(ValueError):
+class AdaptInputError(UserError):
     """A support/query folder or image cannot be used; the message names it and the fix."""
 
 
@@ -101,7 +101,7 @@ def adapt_folder(
     ``adapt_classifier`` for the adaptation itself.
     """
     _, meta = load_theta(Path(meta_path))
-    dataset = json.loads(meta["train_config"])["dataset"]
+    dataset = meta["train_config"]["dataset"]
     classes = read_class_folders(support_dir, "support")
     labels = list(classes)
     shots = {label: len(files) for label, files in classes.items()}
@@ -148,8 +148,8 @@ def adapt_classifier(
     """
     meta_path = Path(meta_path)
     theta, meta = load_theta(meta_path)
-    train_cfg = json.loads(meta["train_config"])
-    model_cfg = ConvNetConfig(**json.loads(meta["model_config"]))
+    train_cfg = meta["train_config"]
+    model_cfg = ConvNetConfig(**meta["model_config"])
     dataset = train_cfg["dataset"]
     steps = int(train_cfg["test_inner_steps"]) if steps is None else int(steps)
     lr = float(train_cfg["inner_lr"]) if lr is None else float(lr)
@@ -169,17 +169,18 @@ def adapt_classifier(
         )
 
     n_way = len(labels)
-    params = {k: v.detach().clone() for k, v in theta.items()}
-    params["head.weight"] = params["head.weight"][:n_way].clone()
-    params["head.bias"] = params["head.bias"][:n_way].clone()
+    params = dict(theta)
+    params["head.weight"] = params["head.weight"][:n_way]
+    params["head.bias"] = params["head.bias"][:n_way]
     cfg = dataclasses.replace(model_cfg, ways=n_way)
-    leaves = {k: v.requires_grad_(True) for k, v in params.items()}
-    with torch.enable_grad():
-        fast = maml.adapt(leaves, xs, ys, cfg, steps, lr, create_graph=False)
-    fast = {k: v.detach() for k, v in fast.items()}
+    # the one test-time adaptation (maml.adapt_detached), for a single task
+    *_, fast = maml.adapt_detached(params, xs[None], ys[None], cfg, steps, lr)
+    fast = {k: v[0] for k, v in fast.items()}
     stats = batch_stats(fast, xs, cfg, step=steps)
     with torch.no_grad():  # fit on the support set itself: a cheap sanity number for the user
-        support_acc = float((forward(fast, xs, cfg, stats).argmax(-1) == ys).float().mean())
+        support_acc = float(
+            (forward(fast, xs, cfg, stats, step=steps).argmax(-1) == ys).float().mean()
+        )
     return Classifier(
         params=fast,
         bn_stats=stats,
@@ -210,16 +211,22 @@ def _probs(classifier: Classifier, paths: Sequence[str | Path]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def predict_paths(classifier: Classifier, paths: Sequence[str | Path]) -> list[tuple[str, float]]:
-    """``(label, probability)`` of the most likely class for each image file, in order."""
+def predict_paths(
+    classifier: Classifier, paths: Sequence[str | Path], top_k: int = 1
+) -> list[list[tuple[str, float]]]:
+    """For each image file, in order, the ``top_k`` most likely ``(label, probability)``."""
     if not paths:
         return []
     for p in paths:
         if not Path(p).is_file():
             raise AdaptInputError(f"image {p} not found; pass paths of existing image files")
     probs = _probs(classifier, list(paths))
-    best, idx = probs.max(dim=-1)
-    return [(classifier.labels[int(i)], float(b)) for b, i in zip(best, idx, strict=True)]
+    k = max(1, min(int(top_k), len(classifier.labels)))
+    best, idx = probs.topk(k, dim=-1)
+    return [
+        [(classifier.labels[int(i)], float(b)) for b, i in zip(row_b, row_i, strict=True)]
+        for row_b, row_i in zip(best, idx, strict=True)
+    ]
 
 
 def evaluate_folder(classifier: Classifier, query_dir: str | Path) -> dict[str, Any]:

@@ -18,36 +18,33 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from mamlops import preprocess
+from mamlops import datasets
+from mamlops.errors import UserError
 from mamlops.files import write_safetensors
-from mamlops.model import BN_EPS, N_BLOCKS, BNStats, ConvNetConfig, Params, forward
+from mamlops.model import BN_EPS, N_BLOCKS, BNStats, ConvNetConfig, Params, forward, init_params
 
 FORMAT_NAME = "mamlops-classifier"
 FORMAT_VERSION = "1"
 
 
-class ClassifierFileError(ValueError):
+class ClassifierFileError(UserError):
     """A classifier file is missing, unreadable, not ours or inconsistent (message says which)."""
-
-
-# The value scaling ``preprocess.to_float_numpy`` applies, spelled out for the file's metadata.
-SCALING = {"omniglot": "1 - x / 255", "miniimagenet": "x / 255"}
 
 
 def preprocessing_spec(dataset: str) -> dict[str, Any]:
     """How raw images become the float input, written next to the weights so that a served model
-    can never be fed images prepared differently from the ones it was adapted on. Sizes,
-    channels and colour mode come from ``preprocess.SPECS``, the one definition."""
+    can never be fed images prepared differently from the ones it was adapted on (the facts
+    ``preprocess`` applies, from ``datasets.py``)."""
     try:
-        image = preprocess.spec(dataset)
+        data = datasets.get(dataset)
     except ValueError as exc:
         raise ClassifierFileError(str(exc)) from None
     return {
-        "color_mode": image.mode,
-        "image_size": image.size,
-        "channels": image.channels,
+        "color_mode": data.color_mode,
+        "image_size": data.image_size,
+        "channels": data.channels,
         "resize": "LANCZOS",
-        "scale": SCALING[dataset],
+        "scale": data.scale,
         "layout": "NCHW",
         "dtype": "float32",
     }
@@ -63,18 +60,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 def expected_shapes(cfg: ConvNetConfig) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape for a config; used to reject files whose weights do not fit it."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    c_in = cfg.in_channels
+    """Tensor name -> shape for a config (the network's own, plus the frozen BN statistics);
+    used to reject files whose weights do not fit it."""
+    shapes = {k: tuple(v.shape) for k, v in init_params(cfg, torch.Generator()).items()}
     for i in range(N_BLOCKS):
-        shapes[f"conv{i}.weight"] = (cfg.hidden, c_in, 3, 3)
-        shapes[f"bn{i}.weight"] = (cfg.hidden,)
-        shapes[f"bn{i}.bias"] = (cfg.hidden,)
-        shapes[f"bn_stats.{i}.mean"] = (cfg.hidden,)
-        shapes[f"bn_stats.{i}.var"] = (cfg.hidden,)
-        c_in = cfg.hidden
-    shapes["head.weight"] = (cfg.ways, cfg.feature_dim)
-    shapes["head.bias"] = (cfg.ways,)
+        shapes[f"bn_stats.{i}.mean"] = shapes[f"bn_stats.{i}.var"] = (cfg.hidden,)
     return shapes
 
 

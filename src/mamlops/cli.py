@@ -1,17 +1,24 @@
-"""The ``mamlops`` command line: every pipeline stage plus adapt/predict/export/serve.
+"""The ``mamlops`` command line: every pipeline stage, plus adapt/predict/export/serve/register.
+
+Stage commands call the same library functions as the DVC stage scripts in ``pipeline/``, with
+the params file of ``--params`` (default ``params.yaml`` in the current folder) and the default
+paths (``config.Layout``, relative to the current folder): ``mamlops train omniglot-5w1s`` and
+``dvc repro train@omniglot-5w1s`` read and write the same files. Nothing here needs a checkout.
 
 Imports happen inside each command: ``mamlops predict model.onnx`` and ``mamlops serve`` run on
-onnxruntime alone and must not pay for (or require) torch.
+onnxruntime alone and must not pay for (or require) torch. Bad input ends in a one-line message
+and exit status 1 (``errors.reported``).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from mamlops.errors import reported
 
 app = typer.Typer(
     help="MAML few-shot image classification: DVC stages, MLflow tracking, ONNX serving.",
@@ -19,10 +26,18 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
+ParamsFile = Annotated[
+    Path, typer.Option("--params", help="params file to read (default: ./params.yaml)")
+]
+PARAMS_DEFAULT = Path("params.yaml")
 
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg="red", err=True)
-    raise typer.Exit(1)
+
+@app.callback()
+def _process_settings() -> None:
+    """Process-wide settings, once, at entry (see malloc.py; no effect on results)."""
+    from mamlops.malloc import keep_freed_memory
+
+    keep_freed_memory()
 
 
 @app.command()
@@ -32,76 +47,121 @@ def download(
     ),
     mirror: Annotated[
         str | None,
-        typer.Option(help="local folder or URL base with the zips (default: MAMLOPS_DATA_MIRROR)"),
+        typer.Option(
+            help="local folder or URL base with the zips; wins over MAMLOPS_DATA_MIRROR and "
+            "data.mirror"
+        ),
     ] = None,
     force: Annotated[
         bool, typer.Option(help="download again even if a verified copy is there")
     ] = False,
+    params_file: ParamsFile = PARAMS_DEFAULT,
 ) -> None:
     """Fetch and verify Omniglot (official URLs, or a mirror), atomically."""
-    from .download import DataError, fetch_omniglot, resolve_mirror
+    from mamlops.config import DataConfig, load_params
+    from mamlops.download import fetch_omniglot, resolve_mirror
 
-    try:
-        summary = fetch_omniglot(dest, resolve_mirror(mirror), force=force)
-    except DataError as exc:
-        _fail(exc)
+    with reported("download"):
+        params_mirror = None
+        if mirror is None and params_file.is_file():
+            params_mirror = DataConfig.from_params(load_params(params_file)).mirror
+        summary = fetch_omniglot(dest, resolve_mirror(params_mirror, flag=mirror), force=force)
     typer.echo(json.dumps({k: summary[k] for k in ("source", "counts")}, indent=2))
 
 
 @app.command()
 def verify(root: Annotated[Path, typer.Argument(help="an extracted Omniglot folder")]) -> None:
     """Check an Omniglot folder by content (structure, PNG decoding, fingerprint)."""
-    from .download import DataError, verify_omniglot
+    from mamlops.download import verify_omniglot
 
-    try:
+    with reported("verify"):
         typer.echo(json.dumps(verify_omniglot(root), indent=2, default=str))
-    except DataError as exc:
-        _fail(exc)
 
 
 @app.command()
 def prepare(
     dataset: Annotated[str, typer.Argument(help="omniglot or miniimagenet")] = "omniglot",
-    params_file: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
+    params_file: ParamsFile = PARAMS_DEFAULT,
 ) -> None:
-    """Run the prepare stage for one dataset with params.yaml (same as `dvc repro prepare`)."""
-    _run_stage("prepare", [dataset], params_file)
+    """The prepare stage for one data set (as `dvc repro prepare@DATASET`)."""
+    from mamlops.config import DataConfig, Layout, PrepareConfig, load_params
+    from mamlops.prepare import prepare_stage
+
+    layout = Layout()
+    with reported("prepare"):
+        params = load_params(params_file)
+        cfg = PrepareConfig.from_params(params)
+        source = DataConfig.from_params(params).source(dataset, layout.raw_omniglot)
+        prepare_stage(cfg, dataset, source, layout.prepared(dataset))
 
 
 @app.command()
 def train(
-    setting: Annotated[str, typer.Argument(help="a key of train.presets in params.yaml")],
-    params_file: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
+    setting: Annotated[str, typer.Argument(help="a key of train.presets in the params file")],
+    params_file: ParamsFile = PARAMS_DEFAULT,
 ) -> None:
     """Meta-train one setting with MLflow tracking; resumes from its checkpoint."""
-    _run_stage("train", [setting], params_file)
+    from mamlops.config import Layout, TrainConfig, load_params
+    from mamlops.train import train_stage
+
+    layout = Layout()
+    with reported("train"):
+        cfg = TrainConfig.from_params(load_params(params_file), setting)
+        train_stage(
+            cfg,
+            layout.prepared(cfg.dataset),
+            layout.model_dir(setting),
+            layout.checkpoint_dir(setting),
+            layout.metrics("train", setting),
+            layout.train_plot(setting),
+        )
 
 
 @app.command()
 def evaluate(
     setting: Annotated[str, typer.Argument(help="a trained setting (key of train.presets)")],
-    params_file: Annotated[Path, typer.Option("--params")] = Path("params.yaml"),
+    params_file: ParamsFile = PARAMS_DEFAULT,
 ) -> None:
     """Score a trained setting on its 600 fixed test episodes (both BatchNorm protocols)."""
-    _run_stage("evaluate", [setting], params_file)
+    from mamlops.config import EvaluateConfig, Layout, TrainConfig, load_params
+    from mamlops.evaluate import evaluate_stage
+
+    layout = Layout()
+    with reported("evaluate"):
+        params = load_params(params_file)
+        cfg = TrainConfig.from_params(params, setting)
+        evaluate_stage(
+            cfg,
+            EvaluateConfig.from_params(params),
+            layout.prepared(cfg.dataset),
+            layout.model_dir(setting),
+            layout.metrics("eval", setting),
+            layout.eval_steps_plot(setting),
+            layout.episodes_plot(setting),
+        )
 
 
-def _run_stage(name: str, args: list[str], params_file: Path) -> None:
-    """Run a pipeline stage script in-process, from the folder holding params.yaml."""
-    import os
-    import runpy
+@app.command()
+def publish(
+    setting: Annotated[str, typer.Argument(help="a trained and evaluated setting")],
+    params_file: ParamsFile = PARAMS_DEFAULT,
+) -> None:
+    """The export stage: adapt a demo classifier, export ONNX, check parity, register it."""
+    from mamlops.config import ExportConfig, Layout, TrainConfig, load_params
+    from mamlops.export import export_stage
 
-    root = params_file.resolve().parent
-    script = root / "pipeline" / f"{name}.py"
-    if not script.is_file():
-        _fail(FileNotFoundError(f"{script}: run from a mamlops checkout (pipeline/ missing)"))
-    os.chdir(root)
-    sys.argv = [str(script), *args]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise typer.Exit(exc.code if isinstance(exc.code, int) else 1) from None
+    layout = Layout()
+    with reported("publish"):
+        params = load_params(params_file)
+        cfg = TrainConfig.from_params(params, setting)
+        export_stage(
+            cfg,
+            ExportConfig.from_params(params),
+            layout.prepared(cfg.dataset),
+            layout.model_dir(setting),
+            layout.metrics("eval", setting),
+            layout.metrics("export", setting),
+        )
 
 
 @app.command()
@@ -113,13 +173,11 @@ def adapt(
     lr: Annotated[float | None, typer.Option(help="inner lr (default: the model's)")] = None,
 ) -> None:
     """Adapt the base-learner to your own classes from a folder of a few images per class."""
-    from .adapt import adapt_folder
+    from mamlops.adapt import adapt_folder
 
-    try:
+    with reported("adapt"):
         clf = adapt_folder(support_dir, meta, steps=steps, lr=lr)
         clf.save(out)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(exc)
     typer.echo(f"adapted classifier for {len(clf.labels)} classes {clf.labels} -> {out}")
 
 
@@ -129,20 +187,14 @@ def evaluate_folder(
     query_dir: Annotated[Path, typer.Argument(help="one subfolder per class, as for adapt")],
 ) -> None:
     """Accuracy and a per-class table of an adapted classifier on labelled folders."""
-    from .adapt import evaluate_folder as run
-    from .classifier import Classifier
-
-    try:
-        report = run(Classifier.load(classifier), query_dir)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(exc)
-    _print_folder_report(report)
-
-
-def _print_folder_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from mamlops.adapt import evaluate_folder as run
+    from mamlops.classifier import Classifier
+
+    with reported("evaluate-folder"):
+        report = run(Classifier.load(classifier), query_dir)
     table = Table(title=f"accuracy {100 * report['accuracy']:.1f}% on {report['n']} images")
     table.add_column("class")
     table.add_column("images", justify="right")
@@ -156,29 +208,25 @@ def _print_folder_report(report: dict) -> None:
 def predict(
     model: Annotated[Path, typer.Argument(help="an adapted classifier (.safetensors) or .onnx")],
     images: Annotated[list[Path], typer.Argument(help="image files")],
-    top_k: Annotated[int, typer.Option(help="how many classes to list per image")] = 1,
+    top_k: Annotated[
+        int, typer.Option(min=1, help="how many classes to list per image, most likely first")
+    ] = 1,
 ) -> None:
-    """Label and probability per image; ONNX models run on onnxruntime only (no torch)."""
-    try:
+    """Per image: its path, then label and probability of the top-k classes, tab-separated.
+    ONNX models run on onnxruntime only (no torch)."""
+    with reported("predict"):
         if model.suffix == ".onnx":
-            from .onnx_predict import OnnxClassifier, OnnxModelError
+            from mamlops.onnx_predict import OnnxClassifier
 
-            try:
-                preds = OnnxClassifier(model).predict_images([str(p) for p in images], top_k)
-            except OnnxModelError as exc:
-                _fail(exc)
-            for path, pred in zip(images, preds, strict=True):
-                typer.echo(f"{path}\t{pred['label']}\t{pred['probability']:.4f}")
-            return
-        from .adapt import predict_paths
-        from .classifier import Classifier
+            preds = OnnxClassifier(model).predict_images([str(p) for p in images], top_k)
+            ranked = [[(t["label"], t["probability"]) for t in p["top_k"]] for p in preds]
+        else:
+            from mamlops.adapt import predict_paths
+            from mamlops.classifier import Classifier
 
-        for path, (label, prob) in zip(
-            images, predict_paths(Classifier.load(model), images), strict=True
-        ):
-            typer.echo(f"{path}\t{label}\t{prob:.4f}")
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(exc)
+            ranked = predict_paths(Classifier.load(model), images, top_k)
+    for path, classes in zip(images, ranked, strict=True):
+        typer.echo("\t".join([str(path), *(f"{label}\t{p:.4f}" for label, p in classes)]))
 
 
 @app.command()
@@ -188,13 +236,11 @@ def export(
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's)")] = None,
 ) -> None:
     """Export an adapted classifier to ONNX (BatchNorm folded, labels in the metadata)."""
-    from .classifier import Classifier
-    from .export import DEFAULT_OPSET, export_onnx
+    from mamlops.classifier import Classifier
+    from mamlops.export import DEFAULT_OPSET, export_onnx
 
-    try:
+    with reported("export"):
         path = export_onnx(Classifier.load(classifier), out, opset or DEFAULT_OPSET)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(exc)
     typer.echo(f"wrote {path}")
 
 
@@ -206,9 +252,10 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="largest accepted request body")] = 10.0,
 ) -> None:
     """Serve ONNX classifiers over HTTP: /health, /metadata, /predict (onnxruntime only)."""
-    from .serve import serve as run
+    from mamlops.serve import serve as run
 
-    run(model, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    with reported("serve"):
+        run(model, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
 
 
 @app.command()
@@ -217,16 +264,29 @@ def register(
     name: Annotated[str, typer.Option(help="registered model name")] = "mamlops-classifier",
     alias: Annotated[str, typer.Option(help="alias to point at the new version")] = "champion",
 ) -> None:
-    """Log an ONNX classifier to MLflow, register it and set an alias."""
-    from .registry import log_and_register
+    """Log an ONNX classifier to MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db), register it
+    and point an alias at it."""
+    from mamlops.registry import log_and_register
 
-    version = log_and_register(onnx_model, name, alias)
+    with reported("register"):
+        version = log_and_register(onnx_model, name, alias)
     typer.echo(f"registered {name} version {version.version} as @{alias}")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+@app.command()
+def report(
+    readme: Annotated[
+        Path | None, typer.Option(help="rewrite this file's results section instead of printing")
+    ] = None,
+    metrics: Annotated[Path, typer.Option(help="folder with eval/ and train/")] = Path("metrics"),
+) -> None:
+    """The results table (this project's accuracies beside the MAML paper's) from metrics/."""
+    from mamlops.report import load_results, render_table, update_readme
 
-
-if __name__ == "__main__":  # pragma: no cover
-    app()
+    with reported("report"):
+        table = render_table(load_results(metrics))
+        if readme is None:
+            typer.echo(table)
+            return
+        update_readme(readme, table)
+    typer.echo(f"updated {readme}")

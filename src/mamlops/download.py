@@ -13,7 +13,6 @@ the final ``rename`` is atomic) and swapped in only after it verified.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import json
@@ -30,6 +29,9 @@ from typing import Any
 
 from PIL import Image
 
+from mamlops.config import DataConfig
+from mamlops.errors import DataError
+
 OFFICIAL_BASE = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 ENV_MIRROR = "MAMLOPS_DATA_MIRROR"
 SETS = ("images_background", "images_evaluation")
@@ -40,24 +42,19 @@ _CHUNK = 1 << 16
 _SHOWN = 5  # how many offending names an error message lists before giving a count
 
 
-class DataError(ValueError):
-    """Downloaded or supplied data is missing, damaged or not the expected content."""
-
-
 # --- where the data comes from ---------------------------------------------------------------
 
 
-def resolve_mirror(params_mirror: str | None) -> str | None:
-    """The mirror to use: ``$MAMLOPS_DATA_MIRROR`` wins over params.yaml; empty means official.
+def resolve_mirror(params_mirror: str | None, flag: str | None = None) -> str | None:
+    """The mirror to use: an explicit ``flag`` (``mamlops download --mirror``) wins, then
+    ``$MAMLOPS_DATA_MIRROR``, then params.yaml's ``data.mirror``; none of them: the release.
 
-    The environment variable wins so that a machine without internet (CI, these test boxes) can
-    redirect the stage without editing params.yaml, which DVC tracks.
+    The environment variable wins over params.yaml so that a machine without internet (CI, an
+    air-gapped cluster) can redirect the stage without editing params.yaml, which DVC tracks.
     """
-    env = os.environ.get(ENV_MIRROR, "").strip()
-    if env:
-        return env
-    if params_mirror and params_mirror.strip():
-        return params_mirror.strip()
+    for value in (flag, os.environ.get(ENV_MIRROR), params_mirror):
+        if value and value.strip():
+            return value.strip()
     return None
 
 
@@ -391,42 +388,25 @@ def fetch_omniglot(
     return {**summary, "skipped": False}
 
 
-def record_omniglot(root: Path) -> dict[str, Any]:
-    """Expectations for ``resources/omniglot.json`` computed from a trusted tree (run once).
+def download_stage(data: DataConfig, dest: Path) -> dict[str, Any]:
+    """The stage ``download``: Omniglot into ``dest`` (kept when already verified), and a check
+    of the user's miniImageNet folder when one is configured. Prints a summary."""
+    from mamlops import miniimagenet
 
-    Kept in code so the recorded values can be re-derived and audited, not typed in by hand.
-    """
-    sets = {}
-    for name in SETS:
-        set_dir = Path(root) / name
-        chars = _characters(set_dir)
-        files = sorted(set_dir.rglob("*.png"), key=lambda p: p.relative_to(root).as_posix())
-        sets[name] = {
-            "zip": f"{name}.zip",
-            "images_per_character": 20,
-            "images": len(files),
-            "fingerprint": fingerprint(Path(root), files),
-            "characters": chars,
-        }
-    return {
-        "fingerprint": "sha256 over '<relative posix path>\\0<sha256 of file>\\n', paths sorted",
-        "source": OFFICIAL_BASE,
-        "sets": sets,
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m mamlops.download --dest DIR [--mirror M] [--force]``: the stage by hand."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dest", type=Path, default=Path("data/raw/omniglot"))
-    parser.add_argument("--mirror", default=None, help=f"folder or URL base; else ${ENV_MIRROR}")
-    parser.add_argument("--force", action="store_true", help="download even if verified")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    mirror = args.mirror or resolve_mirror(None)  # an explicit flag wins over the env var
-    summary = fetch_omniglot(args.dest, mirror, force=args.force, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    summary = fetch_omniglot(dest, resolve_mirror(data.mirror))
+    state = "kept (already verified)" if summary["skipped"] else "downloaded and verified"
+    print(f"omniglot: {state} at {dest} from {summary['source']}")
+    for name, counts in summary["counts"].items():
+        print(
+            f"  {name}: {counts['characters']} characters, {counts['images']} images, "
+            f"fingerprint {summary['fingerprints'][name][:16]}"
+        )
+    if data.miniimagenet_dir:
+        report = miniimagenet.validate(Path(data.miniimagenet_dir))
+        splits = ", ".join(
+            f"{s} {v['classes']} classes/{v['images']} images" for s, v in report["splits"].items()
+        )
+        print(f"miniimagenet: {report['images_dir']} valid ({splits})")
+    else:
+        print("miniimagenet: not configured (no folder given); skipped")
+    return summary

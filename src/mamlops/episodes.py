@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mamlops import datasets
+from mamlops.errors import DataError
 from mamlops.preprocess import to_float
 from mamlops.splits import decode_class, read_splits
 
@@ -123,13 +125,15 @@ def load_episodes(prepared_dir: str | Path, split: str, ways: int, shots: int) -
     ids = np.asarray(read_splits(prepared_dir)[split], dtype=np.int64)  # sorted when written
     rows = np.searchsorted(ids, classes)
     if not np.array_equal(ids[np.minimum(rows, len(ids) - 1)], classes):
-        raise ValueError(f"{path}: classes not in the {split} split of splits.json; re-prepare")
+        raise DataError(f"{path}: classes not in the {split} split of splits.json; re-prepare")
     return Episodes(split, ways, shots, classes, rows, support, query)
 
 
 def bank_dataset(bank: torch.Tensor) -> str:
-    """Omniglot banks are ``[C, M, H, W]``, miniImageNet banks ``[C, M, H, W, 3]``."""
-    return "omniglot" if bank.ndim == 4 else "miniimagenet"
+    """The data set of a bank, by its channels: grayscale banks are ``[C, M, H, W]`` (Omniglot),
+    colour ones ``[C, M, H, W, 3]`` (miniImageNet)."""
+    channels = 1 if bank.ndim == 4 else bank.shape[-1]
+    return next(d.name for d in datasets.DATASETS.values() if d.channels == channels)
 
 
 def load_bank(prepared_dir: str | Path, split: str) -> torch.Tensor:
@@ -179,9 +183,9 @@ def check_task_shape(n_classes: int, n_images: int, ways: int, shots: int, query
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if ways > n_classes:
-        raise ValueError(f"{ways}-way tasks need {ways} classes, the split has {n_classes}")
+        raise DataError(f"{ways}-way tasks need {ways} classes, the split has {n_classes}")
     if shots + query > n_images:
-        raise ValueError(
+        raise DataError(
             f"shots + query = {shots + query} images per class, only {n_images} per class exist"
         )
 

@@ -18,17 +18,20 @@ from __future__ import annotations
 import math
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mamlops import maml
+from mamlops import maml, tracking
+from mamlops.checkpoint import load_theta, read_run_id, theta_file
+from mamlops.config import EvaluateConfig, TrainConfig, resolve_device
 from mamlops.episodes import Tasks, episode_tasks, load_bank, load_episodes
-from mamlops.malloc import keep_freed_memory
-from mamlops.model import ConvNetConfig, Params, batch_stats_tasks, forward_tasks
-from mamlops.train import TrainConfig, resolve_device
+from mamlops.figures import episode_grid, steps_rows, write_steps_csv
+from mamlops.files import write_json
+from mamlops.model import ConvNetConfig, Params
 
 PROTOCOLS = ("transductive", "support")
 
@@ -46,7 +49,7 @@ def mean_ci95(accs: Tensor | list[float]) -> tuple[float, float]:
 def resolve_inner(cfg: TrainConfig, steps: int | None, lr: float | None) -> tuple[int, float]:
     """Test-time inner steps and lr: the preset's ``test_inner_steps`` / ``inner_lr`` unless set."""
     steps = cfg.test_inner_steps if steps is None else int(steps)
-    lr = float(cfg.inner_lr) if lr is None else float(lr)
+    lr = cfg.inner_lr if lr is None else float(lr)
     if steps < 0:
         raise ValueError(f"inner steps must be >= 0, got {steps}")
     if not lr > 0:
@@ -76,8 +79,7 @@ def evaluate_setting(
     """
     steps, lr = resolve_inner(cfg, steps, lr)
     dev = resolve_device(cfg.device) if device is None else torch.device(device)
-    if dev.type == "cpu":
-        keep_freed_memory()  # no effect on results; see malloc.py
+    model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
     episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots)
     n = len(episodes) if limit is None else min(int(limit), len(episodes))
     if n < 1:
@@ -88,7 +90,7 @@ def evaluate_setting(
     for start in range(0, n, batch):
         tasks = episode_tasks(bank, episodes, start, min(start + batch, n)).to(dev)
         for protocol in PROTOCOLS:
-            acc = maml.evaluate_tasks(params, tasks, cfg.model_cfg, steps, lr, protocol, curve=True)
+            acc = maml.evaluate_tasks(params, tasks, model_cfg, steps, lr, protocol, curve=True)
             curves[protocol].append(acc.cpu())
     result: dict[str, Any] = {"n": n, "steps": steps, "inner_lr": lr}
     for protocol in PROTOCOLS:
@@ -110,26 +112,12 @@ def predict_tasks(
     lr: float,
     bn: str = "support",
 ) -> Tensor:
-    """Predicted query labels [T, Q] after ``steps`` inner steps (for figures and spot checks).
-
-    Same adaptation as ``maml.evaluate_tasks``; returns the argmax instead of the accuracy.
-    """
+    """Predicted query labels [T, Q] after ``steps`` inner steps (for figures and spot checks):
+    the same test-time adaptation as the accuracies (``maml.adapt_detached``)."""
     if bn not in PROTOCOLS:
         raise ValueError(f"unknown bn protocol {bn!r}: expected one of {PROTOCOLS}")
-    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    with torch.enable_grad():
-        fast = maml.adapt_tasks(
-            leaves, tasks.xs, tasks.ys, model_cfg, steps, lr, create_graph=False
-        )
-    fast_w = {k: v.detach() for k, v in fast[-1].items()}
-    with torch.no_grad():
-        stats = (
-            None
-            if bn == "transductive"
-            else batch_stats_tasks(fast_w, tasks.xs, model_cfg, step=steps)
-        )
-        logits = forward_tasks(fast_w, tasks.xq, model_cfg, stats, step=steps)
-    return logits.argmax(-1)
+    *_, fast = maml.adapt_detached(params, tasks.xs, tasks.ys, model_cfg, steps, lr)
+    return maml.query_logits(fast, tasks, model_cfg, steps, bn).argmax(-1)
 
 
 def hardware(device: str | torch.device | None = None) -> str:
@@ -149,3 +137,64 @@ def hardware(device: str | torch.device | None = None) -> str:
     return (
         f"CPU {name} ({cores} cores, {torch.get_num_threads()} threads), torch {torch.__version__}"
     )
+
+
+def evaluate_stage(
+    cfg: TrainConfig,
+    ev: EvaluateConfig,
+    prepared_dir: Path,
+    model_dir: Path,
+    metrics_path: Path,
+    steps_csv: Path,
+    grid_png: Path,
+) -> dict[str, Any]:
+    """The stage ``evaluate@<setting>`` (and ``mamlops evaluate``): score the chosen theta on
+    the fixed test episodes; write the metrics JSON, the accuracy-per-step CSV and a PNG of
+    test episodes; add all three to the training's MLflow run. Returns the metrics."""
+    theta, meta = load_theta(theta_file(model_dir, ev.checkpoint))
+    device = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    result = evaluate_setting(
+        theta, cfg, prepared_dir, steps=ev.steps, batch=ev.batch, device=device
+    )
+    metrics = {
+        "acc_transductive": result["transductive"]["acc"],
+        "ci95_transductive": result["transductive"]["ci95"],
+        "acc_support": result["support"]["acc"],
+        "ci95_support": result["support"]["ci95"],
+        "n": result["n"],
+        "steps": result["steps"],
+        "inner_lr": result["inner_lr"],
+        "iterations": meta["step"],
+        "train_iterations": int(meta["train_config"].get("iterations", cfg.iterations)),
+        "seconds": time.perf_counter() - t0,
+        "checkpoint": ev.checkpoint,
+        "dataset": cfg.dataset,
+        "ways": cfg.ways,
+        "shots": cfg.shots,
+        "hardware": hardware(device),
+    }
+    write_json(metrics_path, metrics)
+    rows = steps_rows(result)
+    write_steps_csv(rows, steps_csv)
+    episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots)
+    tasks = episode_tasks(prepared_dir, episodes, 0, ev.grid_episodes)
+    model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
+    preds = predict_tasks(theta, tasks, model_cfg, result["steps"], result["inner_lr"])
+    episode_grid(
+        tasks,
+        preds,
+        grid_png,
+        episodes=ev.grid_episodes,
+        title=f"{cfg.name}: test episodes after {result['steps']} steps (support-set BN)",
+    )
+    run_id = tracking.log_evaluation(
+        cfg.name, read_run_id(model_dir), metrics, rows, [metrics_path, steps_csv, grid_png]
+    )
+    t, s = result["transductive"], result["support"]
+    print(
+        f"{cfg.name}: {100 * t['acc']:.2f} +- {100 * t['ci95']:.2f}% (transductive BN), "
+        f"{100 * s['acc']:.2f} +- {100 * s['ci95']:.2f}% (support BN) on {result['n']} "
+        f"episodes, {result['steps']} steps; MLflow run {run_id}"
+    )
+    return metrics

@@ -1,4 +1,4 @@
-"""Export an adapted classifier to a single self-describing ONNX file.
+"""Export an adapted classifier to a single self-describing ONNX file; the ``export`` stage.
 
 The exported graph is the inference-only network with BatchNorm folded into the convolutions
 (frozen support-set statistics), so it has no BatchNormalization node at all: nothing depends
@@ -7,6 +7,10 @@ on the rest of the batch, and onnxruntime providers that reject training-mode BN
 Output: one tensor ``probabilities`` [batch, ways] (softmax). A single output keeps MLflow's
 pyfunc response and the HTTP API simple; logits are ``log(p)`` up to a per-row constant.
 Input: ``x`` float32 [batch, C, H, W], preprocessed as the ``normalisation`` metadata says.
+
+``export_stage`` is the DVC stage ``export@<setting>``: adapt theta on a fixed demo task (the
+support set of one fixed test episode), export it, check onnxruntime against PyTorch on that
+episode's query images, and register it in MLflow (``registry.register_if_best``).
 """
 
 from __future__ import annotations
@@ -14,19 +18,28 @@ from __future__ import annotations
 import importlib.metadata
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mamlops.adapt import adapt_classifier
+from mamlops.checkpoint import read_run_id, theta_file
 from mamlops.classifier import Classifier, preprocessing_spec
-from mamlops.files import atomic_write
-from mamlops.model import N_BLOCKS, ConvNetConfig
+from mamlops.config import ExportConfig, TrainConfig
+from mamlops.episodes import episode_tasks, load_episodes
+from mamlops.files import atomic_write, write_json
+from mamlops.model import ConvNetConfig, forward_folded
+from mamlops.onnx_predict import OnnxClassifier
+from mamlops.prepare import read_classes
+from mamlops.splits import decode_class, read_splits
 
 DEFAULT_OPSET = 20  # the dynamo exporter's native opset: no version conversion pass needed
 INPUT_NAME = "x"
 OUTPUT_NAME = "probabilities"
+PARITY_ATOL = 1e-5  # onnxruntime vs PyTorch, probabilities in float32
 
 
 def mamlops_version() -> str:
@@ -43,18 +56,13 @@ class FoldedNet(nn.Module):
     def __init__(self, weights: dict[str, Tensor], cfg: ConvNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.names = list(weights)
         for name, tensor in weights.items():
             self.register_buffer(name.replace(".", "_"), tensor.detach().clone())
 
     def logits(self, x: Tensor) -> Tensor:
-        h = x
-        for i in range(N_BLOCKS):
-            w, b = getattr(self, f"conv{i}_weight"), getattr(self, f"conv{i}_bias")
-            h = F.relu(F.conv2d(h, w, b, stride=self.cfg.stride, padding=1))
-            if self.cfg.max_pool:
-                h = F.max_pool2d(h, 2)
-        feats = h.flatten(1) if self.cfg.max_pool else h.mean(dim=(2, 3))
-        return F.linear(feats, self.head_weight, self.head_bias)
+        weights = {name: getattr(self, name.replace(".", "_")) for name in self.names}
+        return forward_folded(weights, x, self.cfg)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.softmax(self.logits(x), dim=-1)
@@ -112,3 +120,75 @@ def export_onnx(classifier: Classifier, out_path: str | Path, opset: int = DEFAU
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
     return atomic_write(out_path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def class_labels(prepared: Path, class_ids: np.ndarray) -> list[str]:
+    """Readable labels for class ids: ``Alphabet/characterNN`` plus the rotation, if any."""
+    rows = read_classes(prepared)
+    rotations = bool(read_splits(prepared).get("rotations", False))
+    labels = []
+    for cid in class_ids.tolist():
+        item, k = decode_class(int(cid), rotations)
+        row = rows[int(item)]
+        name = "/".join(row[c] for c in ("alphabet", "character") if c in row) or str(item)
+        labels.append(f"{name}/rot{90 * int(k):03d}" if rotations else name)
+    return labels
+
+
+def export_stage(
+    cfg: TrainConfig,
+    ex: ExportConfig,
+    prepared_dir: Path,
+    model_dir: Path,
+    eval_metrics: Path,
+    metrics_path: Path,
+) -> dict[str, Any]:
+    """The stage ``export@<setting>``: writes ``model_dir/classifier.safetensors`` and
+    ``model_dir/model.onnx`` and the metrics JSON (parity, demo accuracy, registry version)."""
+    from mamlops.registry import register_if_best  # MLflow: imported only for this stage
+
+    model_dir = Path(model_dir)
+    episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots)
+    ex.check_demo_episode(len(episodes))
+    e = ex.demo_episode
+    tasks = episode_tasks(prepared_dir, episodes, e, e + 1)
+    clf = adapt_classifier(
+        theta_file(model_dir, ex.checkpoint),
+        tasks.xs[0],
+        tasks.ys[0],
+        class_labels(prepared_dir, episodes.classes[e]),
+        provenance={"demo_task": f"test episode {e} of {prepared_dir}", "setting": cfg.name},
+    )
+    clf.save(model_dir / "classifier.safetensors")
+    onnx_path = export_onnx(clf, model_dir / "model.onnx", ex.opset)
+
+    # parity and accuracy on the demo episode's query images, one image at a time in ONNX
+    ort_model = OnnxClassifier(onnx_path)
+    xq = tasks.xq[0]
+    ort_probs = np.concatenate([ort_model.predict_array(x[None].numpy()) for x in xq])
+    torch_probs = clf.predict_proba(xq).numpy()
+    max_diff = float(np.abs(ort_probs - torch_probs).max())
+    if max_diff > PARITY_ATOL:
+        raise RuntimeError(f"onnxruntime differs from PyTorch by {max_diff:.2e} > {PARITY_ATOL}")
+    yq = tasks.yq[0].numpy()
+    eval_acc = (
+        json.loads(eval_metrics.read_text())["acc_support"] if eval_metrics.is_file() else None
+    )
+    metrics: dict[str, Any] = {
+        "parity_max_abs_diff": max_diff,
+        "demo_query_acc_onnx": float((ort_probs.argmax(1) == yq).mean()),
+        "demo_query_acc_torch": float((torch_probs.argmax(1) == yq).mean()),
+        "opset": ex.opset,
+        "onnx_bytes": onnx_path.stat().st_size,
+    }
+    if ex.register:
+        metrics["registry"] = register_if_best(
+            onnx_path, f"mamlops-{cfg.name}", ex.alias, eval_acc, read_run_id(model_dir)
+        )
+    write_json(metrics_path, metrics)
+    print(
+        f"{cfg.name}: {onnx_path} ({metrics['onnx_bytes']} bytes), demo query accuracy "
+        f"{100 * metrics['demo_query_acc_onnx']:.1f}%, max |ORT - torch| {max_diff:.1e}"
+        + (f", registry {metrics['registry']}" if "registry" in metrics else "")
+    )
+    return metrics

@@ -2,7 +2,8 @@
 
 The episode grid is for a human to check that the numbers mean what they seem to: which
 characters the support set held, what the adapted model said for query images, and where it was
-wrong (red). matplotlib runs on the Agg backend, so no display is needed (CI, DVC stages).
+wrong (red). Figures are built with matplotlib's object API (``Figure``, not ``pyplot``), which
+renders straight to PNG: no backend, no display and no process-wide state to set.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from mamlops.episodes import Tasks  # noqa: E402
-from mamlops.files import atomic_write  # noqa: E402
+from mamlops.episodes import Tasks
+from mamlops.files import atomic_write
 
 WRONG = "#d62728"
 RIGHT = "#2ca02c"
@@ -73,10 +71,10 @@ def episode_grid(
     cols = max(1, min(cols, max(ways, 5)))
     support_rows = -(-ways // cols)
     rows_per_ep = 1 + support_rows + query_rows  # header row, support rows, query rows
-    fig, axes = plt.subplots(
+    fig = Figure(figsize=(1.15 * cols, 1.25 * n_eps * rows_per_ep))
+    axes = fig.subplots(
         n_eps * rows_per_ep,
         cols,
-        figsize=(1.15 * cols, 1.25 * n_eps * rows_per_ep),
         squeeze=False,
         gridspec_kw={"height_ratios": ([0.25] + [1.0] * (rows_per_ep - 1)) * n_eps},
     )
@@ -122,10 +120,7 @@ def episode_grid(
         hspace=0.45,
         wspace=0.1,
     )
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    finally:
-        plt.close(fig)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def steps_rows(result: dict[str, Any]) -> list[dict[str, float]]:
@@ -156,7 +151,8 @@ def write_steps_csv(rows: list[dict[str, float]], path: str | Path) -> Path:
 def training_curves(history: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
     """PNG of meta-training: query loss, and train/val accuracy per iteration (for MLflow, where
     DVC's own plots of the TSV are not at hand)."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for key, ax, label in (
         ("loss", ax_loss, "meta-train query loss"),
         ("train_acc", ax_acc, "meta-train query accuracy"),
@@ -173,7 +169,4 @@ def training_curves(history: list[dict[str, float]], path: str | Path, title: st
     ax_acc.set_ylim(0, 1)
     fig.suptitle(title)
     fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    finally:
-        plt.close(fig)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

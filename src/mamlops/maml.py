@@ -14,19 +14,31 @@ Two executions of the meta-batch give the same numbers:
   ``autograd.grad`` call yields every task's inner gradient at once.
 
 The outer optimiser (Adam with lr beta) lives in the training loop; this module gives it the
-loss to differentiate, the cosine meta-lr schedule and gradient clipping.
+loss to differentiate, the cosine meta-lr schedule and gradient clipping. At test time
+``adapt_detached`` is the one inner loop (evaluation, the episode figures and ``mamlops adapt``
+all use it).
+
+Example, one meta-training step and a test-time adaptation::
+
+    cfg, mcfg = ConvNetConfig.for_dataset("omniglot", 5), MAMLConfig(inner_lr=0.4)
+    theta = {k: v.requires_grad_() for k, v in init_meta_params(cfg, mcfg).items()}
+    opt = torch.optim.Adam(theta.values(), lr=1e-3)
+    loss, metrics = meta_loss(theta, tasks, cfg, mcfg)   # tasks: episodes.TaskSampler.sample
+    opt.zero_grad(); loss.backward(); opt.step()
+    acc = evaluate_tasks(theta, tasks, cfg, steps=10, lr=0.4)  # per-task query accuracy
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mamlops.config import MAMLConfig, Strategy
 from mamlops.model import (
     ConvNetConfig,
     Params,
@@ -38,7 +50,6 @@ from mamlops.model import (
     per_step_bn,
 )
 
-Strategy = Literal["auto", "loop", "batched"]
 LR_PREFIX = "lr."
 # ``auto`` on a CPU: ``batched`` while a task's first-layer activations stay under this many
 # floats (1 MiB in fp32), else ``loop``. Measured on the 2-core dev CPU (docs/performance.md),
@@ -49,36 +60,12 @@ BATCHED_CPU_MAX_ACTIVATIONS = 256 * 1024
 
 
 class TaskBatch(Protocol):
-    """What ``meta_loss`` reads from a batch of tasks (``data.Tasks`` has these fields)."""
+    """What ``meta_loss`` reads from a batch of tasks (``episodes.Tasks`` has these fields)."""
 
     xs: Tensor  # [T, N*K, C, H, W] support images
     ys: Tensor  # [T, N*K] support labels in 0..N-1
     xq: Tensor  # [T, N*Q, C, H, W] query images
     yq: Tensor  # [T, N*Q]
-
-
-@dataclass(frozen=True)
-class MAMLConfig:
-    """Inner loop and MAML++ switches; defaults are the paper's Omniglot 5-way setting.
-
-    ``first_order_iters``: derivative-order annealing, first-order for iterations < E, then
-    second order (ignored when ``first_order`` is set). ``multi_step_anneal_iters``: with
-    ``multi_step_loss``, the iterations over which the weight of the intermediate-step losses
-    decays to a floor while the final step's weight grows.
-    """
-
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    first_order: bool = False
-    strategy: Strategy = "auto"
-    learn_inner_lr: bool = False
-    per_step_bn: bool = False
-    multi_step_loss: bool = False
-    multi_step_anneal_iters: int = 0
-    first_order_iters: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def init_meta_params(
@@ -350,9 +337,55 @@ def _query_logits_loop(
     return [torch.stack(step_logits) for step_logits in zip(*per_task, strict=True)]
 
 
+def adapt_detached(
+    params: Params, xs: Tensor, ys: Tensor, model_cfg: ConvNetConfig, steps: int, lr: float
+) -> Iterator[Params]:
+    """Test-time adaptation, the one used everywhere after training: the weights of T tasks
+    (support ``xs`` [T, B, ...], ``ys`` [T, B]) after 0, 1, ..., ``steps`` inner steps, batched
+    and detached (no meta-gradient, so no graph is kept across steps).
+
+    Yields per-task weights (leading axis T) lazily: a consumer that scores each step holds one
+    step's weights at a time. Learned inner lrs (``lr.*`` keys) override ``lr``.
+    """
+    n_tasks, batch = ys.shape
+    names = adapted_names(params)
+    lrs = {k: v.detach() for k, v in params.items() if k.startswith(LR_PREFIX)}
+    fast = {k: v.detach() for k, v in expand_params(params, n_tasks).items()}
+    for s in range(steps + 1):
+        yield fast
+        if s == steps:
+            return
+        with torch.enable_grad():
+            leaves = {n: fast[n].clone().requires_grad_(True) for n in names}
+            logits = forward_tasks({**fast, **leaves}, xs, model_cfg, step=s)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="sum"
+            )
+            grads = torch.autograd.grad(loss / batch, [leaves[n] for n in names])
+        fast = _sgd_step(fast, names, grads, lrs, s, lr)
+
+
 @torch.no_grad()
-def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
-    return (logits.argmax(-1) == y).to(logits.dtype).mean(dim=-1)
+def query_logits(
+    fast: Params,
+    tasks: TaskBatch,
+    model_cfg: ConvNetConfig,
+    step: int,
+    bn: Literal["transductive", "support"] = "transductive",
+) -> Tensor:
+    """Query logits [T, Q, ways] of adapted per-task weights ``fast`` (after ``step`` updates).
+
+    ``bn="transductive"`` normalises the query with its own batch statistics (the paper's
+    protocol); ``bn="support"`` freezes the statistics of the support set under the adapted
+    weights, so each query image is classified independently of the others (the deployable
+    protocol).
+    """
+    if bn not in ("transductive", "support"):
+        raise ValueError(f"unknown bn protocol {bn!r}: expected 'transductive' or 'support'")
+    stats = (
+        None if bn == "transductive" else batch_stats_tasks(fast, tasks.xs, model_cfg, step=step)
+    )
+    return forward_tasks(fast, tasks.xq, model_cfg, stats, step=step)
 
 
 def evaluate_tasks(
@@ -365,42 +398,15 @@ def evaluate_tasks(
     *,
     curve: bool = False,
 ) -> Tensor:
-    """Test-time adaptation: per-task query accuracy after ``steps`` inner steps, all tasks in one
-    batched pass and no meta-gradient.
-
-    ``bn="transductive"`` scores the query with its own batch statistics (the paper's protocol);
-    ``bn="support"`` freezes the statistics of the support set under the adapted weights, so each
-    query image is classified independently of the others (the deployable protocol). Returns
-    [T], or [T, steps + 1] with ``curve=True`` (accuracy after 0..steps updates).
+    """Per-task query accuracy after ``steps`` test-time inner steps (``adapt_detached``),
+    with the BatchNorm protocol ``bn`` (see ``query_logits``). Returns [T], or [T, steps + 1]
+    with ``curve=True`` (accuracy after 0..steps updates).
     """
-    if bn not in ("transductive", "support"):
-        raise ValueError(f"unknown bn protocol {bn!r}: expected 'transductive' or 'support'")
-    n_tasks, batch = tasks.ys.shape
-    names = adapted_names(params)
-    lrs = {k: v.detach() for k, v in params.items() if k.startswith(LR_PREFIX)}
-    fast = {k: v.detach() for k, v in expand_params(params, n_tasks).items()}
     accs = []
-    for s in range(steps + 1):
+    for s, fast in enumerate(adapt_detached(params, tasks.xs, tasks.ys, model_cfg, steps, lr)):
         if curve or s == steps:
-            with torch.no_grad():
-                stats = (
-                    None
-                    if bn == "transductive"
-                    else batch_stats_tasks(fast, tasks.xs, model_cfg, step=s)
-                )
-                accs.append(
-                    _accuracy(forward_tasks(fast, tasks.xq, model_cfg, stats, step=s), tasks.yq)
-                )
-        if s == steps:
-            break
-        with torch.enable_grad():
-            leaves = {n: fast[n].clone().requires_grad_(True) for n in names}
-            logits = forward_tasks({**fast, **leaves}, tasks.xs, model_cfg, step=s)
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), tasks.ys.reshape(-1), reduction="sum"
-            )
-            grads = torch.autograd.grad(loss / batch, [leaves[n] for n in names])
-        fast = _sgd_step(fast, names, grads, lrs, s, lr)
+            logits = query_logits(fast, tasks, model_cfg, s, bn)
+            accs.append((logits.argmax(-1) == tasks.yq).to(logits.dtype).mean(dim=-1))
     return torch.stack(accs, dim=1) if curve else accs[-1]
 
 

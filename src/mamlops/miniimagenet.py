@@ -3,8 +3,8 @@
 Nothing is downloaded: the images come from ImageNet, whose terms forbid redistribution, so users
 bring their own ``images/`` folder of JPEGs named as in the split CSVs (``filename,label``). The
 project ships only those CSVs (``resources/miniimagenet``, MIT, from jakesnell/prototypical-
-networks). There is no real miniImageNet on the machines this project is developed on; the tests
-exercise the error paths with a tiny fake folder, and nothing here fabricates a stand-in dataset.
+networks). The tests check the error paths with a tiny fake folder; nothing here fabricates a
+stand-in data set.
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ from typing import Any
 
 from PIL import Image
 
-from mamlops.download import DataError
+from mamlops import datasets
+from mamlops.errors import DataError
 
 SPLITS_DIR = Path(__file__).parent / "resources" / "miniimagenet"
 # Classes per split and images per class in the Ravi & Larochelle (2017) split.
-EXPECTED_CLASSES = {"train": 64, "val": 16, "test": 20}
-IMAGES_PER_CLASS = 600
+EXPECTED_CLASSES = dict(
+    zip(("train", "val", "test"), datasets.MINIIMAGENET.split_sizes["ravi"], strict=True)
+)
+IMAGES_PER_CLASS = datasets.MINIIMAGENET.images_per_class
 _SHOWN = 5
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mamlops import datasets
+
 Params = dict[str, Tensor]
 BNStats = list[tuple[Tensor, Tensor]]
 
@@ -38,11 +40,9 @@ class ConvNetConfig:
 
     @classmethod
     def for_dataset(cls, dataset: str, ways: int) -> ConvNetConfig:
-        if dataset == "omniglot":
-            return cls(in_channels=1, ways=ways, hidden=64, max_pool=False, image_size=28)
-        if dataset == "miniimagenet":
-            return cls(in_channels=3, ways=ways, hidden=32, max_pool=True, image_size=84)
-        raise ValueError(f"unknown dataset {dataset!r}: expected 'omniglot' or 'miniimagenet'")
+        """The paper's network for ``dataset`` (geometry from ``datasets.py``), ``ways`` outputs."""
+        data = datasets.get(dataset)
+        return cls(data.channels, ways, data.hidden, data.max_pool, data.image_size)
 
     @property
     def stride(self) -> int:
@@ -98,10 +98,6 @@ def _xavier_uniform(w: Tensor, generator: torch.Generator | None) -> None:
         w.uniform_(-bound, bound, generator=generator)
 
 
-def _conv(params: Params, i: int, x: Tensor, cfg: ConvNetConfig) -> Tensor:
-    return F.conv2d(x, params[f"conv{i}.weight"], stride=cfg.stride, padding=1)
-
-
 def _bn_affine(params: Params, i: int, step: int, task_dim: bool) -> tuple[Tensor, Tensor]:
     """BN scale and shift of block ``i``; with per-step BN (MAML++) pick the row of ``step``.
 
@@ -115,19 +111,59 @@ def _bn_affine(params: Params, i: int, step: int, task_dim: bool) -> tuple[Tenso
     return w, b
 
 
-def _finish_block(
-    params: Params, i: int, h: Tensor, cfg: ConvNetConfig, stats, step: int = 0
+def block(
+    h: Tensor,
+    weight: Tensor,
+    cfg: ConvNetConfig,
+    *,
+    bias: Tensor | None = None,
+    bn: tuple[Tensor, Tensor] | None = None,
+    stats: tuple[Tensor, Tensor] | None = None,
+    record: BNStats | None = None,
+    groups: int = 1,
 ) -> Tensor:
-    # F.batch_norm (fused, with exact double backward) rather than explicit mean/var ops: the
-    # same math (biased variance, eps inside the sqrt) at a fraction of the kernel launches.
-    weight, bias = _bn_affine(params, i, step, task_dim=False)
-    if stats is None:
-        h = F.batch_norm(h, None, None, weight, bias, True, 0.0, BN_EPS)
-    else:
-        h = F.batch_norm(h, stats[0], stats[1], weight, bias, False, 0.0, BN_EPS)
+    """One of the four blocks, the only place it is spelled: 3x3 conv (stride ``cfg.stride``,
+    padding 1) -> BatchNorm -> ReLU (-> 2x2 max-pool).
+
+    ``bn`` is (scale, shift); without it the block has no BatchNorm (the exported net, whose BN
+    is folded into ``weight`` and ``bias``). BatchNorm uses the batch's own statistics unless
+    ``stats`` (mean, var) freezes them; ``record`` collects the statistics of this batch (then
+    used for the normalisation itself). ``groups`` > 1 runs several tasks' convs at once.
+
+    F.batch_norm (fused, with exact double backward) rather than explicit mean/var ops: the same
+    math (biased variance, eps inside the sqrt) at a fraction of the kernel launches.
+    """
+    h = F.conv2d(h, weight, bias, stride=cfg.stride, padding=1, groups=groups)
+    if bn is not None:
+        if record is not None:
+            stats = (h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), unbiased=False))
+            record.append(stats)
+        if stats is None:
+            h = F.batch_norm(h, None, None, bn[0], bn[1], True, 0.0, BN_EPS)
+        else:
+            h = F.batch_norm(h, stats[0], stats[1], bn[0], bn[1], False, 0.0, BN_EPS)
     h = F.relu(h)
-    if cfg.max_pool:
-        h = F.max_pool2d(h, 2)
+    return F.max_pool2d(h, 2) if cfg.max_pool else h
+
+
+def _blocks(
+    params: Params,
+    h: Tensor,
+    cfg: ConvNetConfig,
+    bn_stats: BNStats | None,
+    step: int,
+    record: BNStats | None = None,
+    tasks: int | None = None,
+) -> Tensor:
+    """The four blocks; ``tasks``: ``params`` carry a leading task axis and ``h`` is folded."""
+    for i in range(N_BLOCKS):
+        weight = params[f"conv{i}.weight"]
+        scale, shift = _bn_affine(params, i, step, task_dim=tasks is not None)
+        if tasks is not None:
+            weight = weight.reshape(-1, *weight.shape[2:])
+            scale, shift = scale.reshape(-1), shift.reshape(-1)
+        stats = None if bn_stats is None else bn_stats[i]
+        h = block(h, weight, cfg, bn=(scale, shift), stats=stats, record=record, groups=tasks or 1)
     return h
 
 
@@ -152,11 +188,16 @@ def forward(
     inner-loop step whose scale and shift to use. Keys ``forward`` does not know (e.g. the
     learned inner lrs ``lr.*``) are ignored.
     """
+    return _head(params, _blocks(params, x, cfg, bn_stats, step), cfg)
+
+
+def forward_folded(weights: Params, x: Tensor, cfg: ConvNetConfig) -> Tensor:
+    """Logits of the serving network: BatchNorm folded into each conv's weight and bias
+    (``conv{i}.weight``, ``conv{i}.bias``; see ``Classifier.folded``), no batch dependence."""
     h = x
     for i in range(N_BLOCKS):
-        stats = None if bn_stats is None else bn_stats[i]
-        h = _finish_block(params, i, _conv(params, i, h, cfg), cfg, stats, step)
-    return _head(params, h, cfg)
+        h = block(h, weights[f"conv{i}.weight"], cfg, bias=weights[f"conv{i}.bias"])
+    return _head(weights, h, cfg)
 
 
 def batch_stats(params: Params, x: Tensor, cfg: ConvNetConfig, *, step: int = 0) -> BNStats:
@@ -166,13 +207,8 @@ def batch_stats(params: Params, x: Tensor, cfg: ConvNetConfig, *, step: int = 0)
     whose answer for one image does not depend on the rest of the batch.
     """
     stats: BNStats = []
-    h = x
     with torch.no_grad():
-        for i in range(N_BLOCKS):
-            c = _conv(params, i, h, cfg)
-            s = (c.mean(dim=(0, 2, 3)), c.var(dim=(0, 2, 3), unbiased=False))
-            stats.append(s)
-            h = _finish_block(params, i, c, cfg, s, step)
+        _blocks(params, x, cfg, None, step, record=stats)
     return stats
 
 
@@ -219,12 +255,6 @@ def _fold(x: Tensor) -> Tensor:
     return x.transpose(0, 1).reshape(b, t * c, h, w)
 
 
-def _task_conv(h: Tensor, w: Tensor, stride: int) -> Tensor:
-    """3x3 conv, padding 1, of folded activations h [B, T*C, H, W] with per-task weights
-    w [T, C_out, C, 3, 3] as one grouped conv; returns [B, T*C_out, H', W']."""
-    return F.conv2d(h, w.reshape(-1, *w.shape[2:]), stride=stride, padding=1, groups=w.shape[0])
-
-
 def forward_tasks(
     params: Params,
     x: Tensor,
@@ -240,18 +270,7 @@ def forward_tasks(
     ``bn_stats`` (from ``batch_stats_tasks``) freezes per-task statistics instead.
     """
     n_tasks, batch = x.shape[:2]
-    h = _fold(x)
-    for i in range(N_BLOCKS):
-        h = _task_conv(h, params[f"conv{i}.weight"], cfg.stride)
-        weight, bias = _bn_affine(params, i, step, task_dim=True)
-        if bn_stats is None:
-            h = F.batch_norm(h, None, None, weight.reshape(-1), bias.reshape(-1), True, 0.0, BN_EPS)
-        else:
-            mean, var = bn_stats[i]
-            h = F.batch_norm(h, mean, var, weight.reshape(-1), bias.reshape(-1), False, 0.0, BN_EPS)
-        h = F.relu(h)
-        if cfg.max_pool:
-            h = F.max_pool2d(h, 2)
+    h = _blocks(params, _fold(x), cfg, bn_stats, step, tasks=n_tasks)
     h = h.reshape(batch, n_tasks, cfg.hidden, *h.shape[2:])
     feats = h.flatten(2) if cfg.max_pool else h.mean(dim=(3, 4))  # [B, T, F]
     logits = torch.einsum("btf,twf->tbw", feats, params["head.weight"])
@@ -264,15 +283,6 @@ def batch_stats_tasks(params: Params, x: Tensor, cfg: ConvNetConfig, *, step: in
     The batched counterpart of ``batch_stats``, in the layout ``forward_tasks`` takes.
     """
     stats: BNStats = []
-    h = _fold(x)
     with torch.no_grad():
-        for i in range(N_BLOCKS):
-            h = _task_conv(h, params[f"conv{i}.weight"], cfg.stride)
-            mean, var = h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), unbiased=False)
-            stats.append((mean, var))
-            weight, bias = _bn_affine(params, i, step, task_dim=True)
-            h = F.batch_norm(h, mean, var, weight.reshape(-1), bias.reshape(-1), False, 0.0, BN_EPS)
-            h = F.relu(h)
-            if cfg.max_pool:
-                h = F.max_pool2d(h, 2)
+        _blocks(params, _fold(x), cfg, None, step, record=stats, tasks=x.shape[0])
     return stats

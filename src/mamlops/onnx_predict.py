@@ -17,11 +17,12 @@ import numpy as np
 import onnxruntime as ort
 
 from mamlops import preprocess
+from mamlops.errors import UserError
 
 Prediction = dict[str, Any]
 
 
-class OnnxModelError(ValueError):
+class OnnxModelError(UserError):
     """An ONNX file that cannot be served: missing, unreadable, or lacking mamlops metadata."""
 
 

@@ -15,7 +15,8 @@ Prepared folder::
 Everything is written into a temporary sibling folder that is renamed into place at the end, so
 an interrupted run never leaves a half-written folder that looks complete.
 
-All params are checked (``validate_prepare_params``) before any work starts.
+Params come checked (``config.PrepareConfig``) before any work starts; ``prepare_stage`` is
+the DVC stage ``prepare@<dataset>`` (and ``mamlops prepare``).
 """
 
 from __future__ import annotations
@@ -25,175 +26,30 @@ import json
 import multiprocessing
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mamlops import datasets
+from mamlops.config import EpisodeConfig, PrepareConfig
 from mamlops.episodes import IMAGES_FILE, write_episode_files
-from mamlops.params import ParamsError, require, section
+from mamlops.errors import DataError
 from mamlops.preprocess import load_image
 from mamlops.splits import (
-    MINIIMAGENET_COUNTS,
-    SCHEMES,
     SPLITS,
     Character,
-    expected_class_counts,
     make_miniimagenet_splits,
     make_omniglot_splits,
     write_splits,
 )
 
-DATASETS = ("omniglot", "miniimagenet")
 OMNIGLOT_SETS = {"background": "images_background", "evaluation": "images_evaluation"}
-OMNIGLOT_CHARACTERS = 1623
-OMNIGLOT_IMAGES_PER_CLASS = 20
-MINIIMAGENET_IMAGES_PER_CLASS = 600
-DEFAULT_MINIIMAGENET_SETTINGS = ((5, 1), (5, 5))
-
-
-# --------------------------------------------------------------------------- params
-
-
-@dataclass(frozen=True)
-class EpisodeConfig:
-    """``prepare.episodes``: fixed evaluation episodes."""
-
-    seed: int
-    count: int
-    val_count: int
-    query: int
-    settings: tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """The checked ``prepare`` section."""
-
-    split: str
-    split_seed: int
-    rotations: bool
-    omniglot_size: int
-    miniimagenet_size: int
-    miniimagenet_settings: tuple[tuple[int, int], ...]
-    episodes: EpisodeConfig
-    datasets: tuple[str, ...] = ("omniglot",)
-
-
-def _positive(sec: dict[str, Any], key: str, where: str, minimum: int = 1) -> int:
-    value = require(sec, key, int, where)
-    if value < minimum:
-        what = "positive" if minimum == 1 else f">= {minimum}"
-        raise ParamsError(f"params.yaml: {where}.{key} must be {what}, got {value}")
-    return value
-
-
-def _settings(value: Any, where: str) -> tuple[tuple[int, int], ...]:
-    if not isinstance(value, list) or not value:
-        raise ParamsError(f"params.yaml: {where} must be a non-empty list of {{ways, shots}}")
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise ParamsError(f"params.yaml: {where}[{i}] must be a mapping {{ways, shots}}")
-        out.append(
-            (_positive(item, "ways", f"{where}[{i}]"), _positive(item, "shots", f"{where}[{i}]"))
-        )
-    if len(set(out)) != len(out):
-        raise ParamsError(f"params.yaml: {where} lists a setting twice")
-    return tuple(out)
-
-
-def _check_fits(
-    settings: tuple[tuple[int, int], ...],
-    where: str,
-    query: int,
-    classes: dict[str, int],
-    images_per_class: int,
-    why: str,
-) -> None:
-    for i, (ways, shots) in enumerate(settings):
-        for split in ("val", "test"):
-            if ways > classes[split]:
-                raise ParamsError(
-                    f"params.yaml: {where}[{i}].ways = {ways} is larger than the "
-                    f"{classes[split]} classes of the {split} split ({why})"
-                )
-        if shots + query > images_per_class:
-            raise ParamsError(
-                f"params.yaml: {where}[{i}].shots + prepare.episodes.query = {shots} + {query} "
-                f"is more than the {images_per_class} images per class ({why})"
-            )
-
-
-def prepare_config(params: dict[str, Any]) -> PrepareConfig:
-    """The ``prepare`` section checked and typed; ``ParamsError`` names the bad key and why."""
-    prep = section(params, "prepare")
-    om = require(prep, "omniglot", dict, "prepare")
-    mini = require(prep, "miniimagenet", dict, "prepare")
-    ep = require(prep, "episodes", dict, "prepare")
-
-    datasets = tuple(prep.get("datasets", ["omniglot"]) or ())
-    if (
-        not datasets
-        or any(d not in DATASETS for d in datasets)
-        or len(set(datasets)) < len(datasets)
-    ):
-        raise ParamsError(
-            f"params.yaml: prepare.datasets must list some of {list(DATASETS)} once each, "
-            f"got {prep.get('datasets')!r}"
-        )
-    split = require(om, "split", str, "prepare.omniglot")
-    if split not in SCHEMES:
-        raise ParamsError(
-            f"params.yaml: prepare.omniglot.split is {split!r}; expected one of {list(SCHEMES)}"
-        )
-    split_seed = _positive(om, "split_seed", "prepare.omniglot", minimum=0)
-    rotations = om.get("rotations", True)
-    if not isinstance(rotations, bool):
-        raise ParamsError(
-            f"params.yaml: prepare.omniglot.rotations must be true or false, got {rotations!r}"
-        )
-    omniglot_size = _positive(om, "image_size", "prepare.omniglot")
-    mini_size = _positive(mini, "image_size", "prepare.miniimagenet")
-    mini_settings = DEFAULT_MINIIMAGENET_SETTINGS
-    if "settings" in mini:
-        mini_settings = _settings(mini["settings"], "prepare.miniimagenet.settings")
-
-    episodes = EpisodeConfig(
-        seed=_positive(ep, "seed", "prepare.episodes", minimum=0),
-        count=_positive(ep, "count", "prepare.episodes"),
-        val_count=_positive(ep, "val_count", "prepare.episodes"),
-        query=_positive(ep, "query", "prepare.episodes"),
-        settings=_settings(ep.get("settings"), "prepare.episodes.settings"),
-    )
-    _check_fits(
-        episodes.settings,
-        "prepare.episodes.settings",
-        episodes.query,
-        expected_class_counts(split, rotations),
-        OMNIGLOT_IMAGES_PER_CLASS,
-        f"Omniglot, split {split}, rotations {str(rotations).lower()}",
-    )
-    _check_fits(
-        mini_settings,
-        "prepare.miniimagenet.settings",
-        episodes.query,
-        dict(zip(SPLITS, MINIIMAGENET_COUNTS, strict=True)),
-        MINIIMAGENET_IMAGES_PER_CLASS,
-        "miniImageNet, Ravi split",
-    )
-    return PrepareConfig(
-        split, split_seed, rotations, omniglot_size, mini_size, mini_settings, episodes, datasets
-    )
-
-
-def validate_prepare_params(params: dict[str, Any]) -> None:
-    """Raise ``ParamsError`` (naming the key and why) if the prepare stage could not work."""
-    prepare_config(params)
+OMNIGLOT = datasets.OMNIGLOT
 
 
 # --------------------------------------------------------------------------- helpers
@@ -223,14 +79,12 @@ def _workers(workers: int | None) -> int:
     return max(1, min(os.cpu_count() or 1, 2) if workers is None else workers)
 
 
-def _decode_class(job: tuple[list[str], str, int]) -> np.ndarray:
-    files, dataset, size = job
-    return np.stack([load_image(f, dataset, size) for f in files])
+def _decode_class(job: tuple[list[str], str]) -> np.ndarray:
+    files, dataset = job
+    return np.stack([load_image(f, dataset) for f in files])
 
 
-def _decode_all(
-    jobs: list[tuple[list[str], str, int]], workers: int, out: np.ndarray
-) -> np.ndarray:
+def _decode_all(jobs: list[tuple[list[str], str]], workers: int, out: np.ndarray) -> np.ndarray:
     """Decode class by class into ``out`` (possibly a memmap), in order, on ``workers``."""
     if workers == 1:
         for i, job in enumerate(jobs):
@@ -274,14 +128,14 @@ def list_omniglot(raw_dir: str | Path) -> tuple[list[Character], list[list[Path]
         for alphabet in sorted(p for p in root.iterdir() if p.is_dir()):
             for char in sorted(p for p in alphabet.iterdir() if p.is_dir()):
                 pngs = sorted(char.glob("*.png"))
-                if len(pngs) != OMNIGLOT_IMAGES_PER_CLASS:
-                    raise ValueError(
-                        f"{char}: {len(pngs)} drawings, expected {OMNIGLOT_IMAGES_PER_CLASS}"
+                if len(pngs) != OMNIGLOT.images_per_class:
+                    raise DataError(
+                        f"{char}: {len(pngs)} drawings, expected {OMNIGLOT.images_per_class}"
                     )
                 characters.append(Character(set_name, alphabet.name, char.name))
                 files.append(pngs)
-    if len(characters) != OMNIGLOT_CHARACTERS:
-        raise ValueError(f"{raw_dir}: {len(characters)} characters, expected {OMNIGLOT_CHARACTERS}")
+    if len(characters) != OMNIGLOT.classes:
+        raise DataError(f"{raw_dir}: {len(characters)} characters, expected {OMNIGLOT.classes}")
     return characters, files
 
 
@@ -296,10 +150,10 @@ def prepare_omniglot(
 ) -> dict[str, Any]:
     """Decode, split and write episodes for Omniglot; returns a summary for printing/logging."""
     characters, files = list_omniglot(raw_dir)
-    size = cfg.omniglot_size
+    size = OMNIGLOT.image_size
     splits = make_omniglot_splits(characters, cfg.split, cfg.split_seed, cfg.rotations)
-    shape = (len(characters), OMNIGLOT_IMAGES_PER_CLASS, size, size)
-    jobs = [([str(f) for f in fs], "omniglot", size) for fs in files]
+    shape = (len(characters), OMNIGLOT.images_per_class, size, size)
+    jobs = [([str(f) for f in fs], "omniglot") for fs in files]
     with staged_dir(out_dir) as tmp:
         images = _decode_all(jobs, _workers(workers), np.empty(shape, dtype=np.uint8))
         np.save(tmp / IMAGES_FILE, images)
@@ -310,7 +164,7 @@ def prepare_omniglot(
         meta = {
             "dataset": "omniglot",
             "image_size": size,
-            "images_per_class": OMNIGLOT_IMAGES_PER_CLASS,
+            "images_per_class": OMNIGLOT.images_per_class,
             "shape": list(shape),
         }
         _write_common(tmp, splits, meta, cfg.episodes.settings, cfg.episodes)
@@ -358,7 +212,7 @@ def list_miniimagenet(
             files.append([image_dir / name for name in sorted(by_class[wnid])])
     sizes = {len(fs) for fs in files}
     if len(sizes) != 1:
-        raise ValueError(f"{csv_dir}: classes have different image counts {sorted(sizes)}")
+        raise DataError(f"{csv_dir}: classes have different image counts {sorted(sizes)}")
     missing = [p for fs in files for p in fs if not p.is_file()]
     if missing:
         raise FileNotFoundError(
@@ -377,12 +231,12 @@ def prepare_miniimagenet(
 ) -> dict[str, Any]:
     """Decode a user's miniImageNet into the prepared format (84x84 RGB, Ravi split)."""
     classes, files = list_miniimagenet(src_dir, csv_dir)
-    size = cfg.miniimagenet_size
+    size = datasets.MINIIMAGENET.image_size
     counts = tuple(sum(1 for s, _ in classes if s == split) for split in SPLITS)
     splits = make_miniimagenet_splits(counts)  # type: ignore[arg-type]
     per_class = len(files[0])
     shape = (len(classes), per_class, size, size, 3)
-    jobs = [([str(f) for f in fs], "miniimagenet", size) for fs in files]
+    jobs = [([str(f) for f in fs], "miniimagenet") for fs in files]
     with staged_dir(out_dir) as tmp:
         # written straight into the .npy file: the full array is about 2 GB
         out = np.lib.format.open_memmap(tmp / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=shape)
@@ -401,3 +255,27 @@ def prepare_miniimagenet(
         }
         _write_common(tmp, splits, meta, cfg.miniimagenet_settings, cfg.episodes)
     return _summary(out_dir, splits, meta)
+
+
+def prepare_stage(
+    cfg: PrepareConfig,
+    dataset: str,
+    source: str | Path | None,
+    out_dir: str | Path,
+) -> dict[str, Any]:
+    """The stage ``prepare@<dataset>`` (and ``mamlops prepare``): ``source`` is the raw Omniglot
+    folder or the user's miniImageNet folder (``data.miniimagenet_dir``). Prints a summary."""
+    datasets.get(dataset)  # a clear error for unknown names
+    start = time.perf_counter()
+    if dataset == "omniglot":
+        summary = prepare_omniglot(source, out_dir, cfg)
+    else:
+        summary = prepare_miniimagenet(source, out_dir, cfg)
+    classes = ", ".join(f"{s} {n}" for s, n in summary["classes"].items())
+    print(
+        f"{summary['dataset']}: {summary['out_dir']} images {summary['shape']} in "
+        f"{time.perf_counter() - start:.1f} s; split {summary['scheme']} (rotations "
+        f"{str(summary['rotations']).lower()}): {classes} classes; episodes: "
+        f"{', '.join(summary['episode_files'])}"
+    )
+    return summary

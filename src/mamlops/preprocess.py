@@ -21,38 +21,16 @@ miniImageNet: RGB, 84x84 with Lanczos, ``x/255`` channels-first.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
+from mamlops import datasets
+
 if TYPE_CHECKING:  # torch is imported lazily in ``to_float`` so serving can skip it
     import torch
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """How one data set's images look once prepared."""
-
-    size: int
-    channels: int
-    mode: str  # Pillow mode the image is converted to before resizing
-
-
-SPECS: dict[str, ImageSpec] = {
-    "omniglot": ImageSpec(size=28, channels=1, mode="L"),
-    "miniimagenet": ImageSpec(size=84, channels=3, mode="RGB"),
-}
-
-
-def spec(dataset: str) -> ImageSpec:
-    """The image spec of ``dataset``; a clear error for unknown names."""
-    try:
-        return SPECS[dataset]
-    except KeyError:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(SPECS)}") from None
 
 
 def _open(image: str | Path | bytes | Image.Image) -> Image.Image:
@@ -75,18 +53,16 @@ def _flatten_alpha(im: Image.Image) -> Image.Image:
     return im
 
 
-def load_image(
-    image: str | Path | bytes | Image.Image, dataset: str, size: int | None = None
-) -> np.ndarray:
+def load_image(image: str | Path | bytes | Image.Image, dataset: str) -> np.ndarray:
     """Decode and resize one image to ``uint8``: ``[H, W]`` (Omniglot) or ``[H, W, 3]``.
 
-    ``image`` is a path, encoded bytes or a Pillow image. ``size`` overrides the data set's
-    default side length (params ``prepare.<dataset>.image_size``).
+    ``image`` is a path, encoded bytes or a Pillow image; size and colour mode are the data
+    set's (``datasets.py``).
     """
-    sp = spec(dataset)
-    side = sp.size if size is None else size
+    data = datasets.get(dataset)
+    side = data.image_size
     im = _flatten_alpha(_open(image))
-    im = im.convert(sp.mode)  # before resizing: mode "1" would silently use NEAREST
+    im = im.convert(data.color_mode)  # before resizing: mode "1" would silently use NEAREST
     if im.size != (side, side):
         im = im.resize((side, side), resample=Image.Resampling.LANCZOS)
     return np.asarray(im, dtype=np.uint8)
@@ -94,9 +70,9 @@ def load_image(
 
 def to_float_numpy(x: np.ndarray, dataset: str) -> np.ndarray:
     """``uint8`` images ``[..., H, W]`` / ``[..., H, W, 3]`` to float32 ``[..., C, H, W]``."""
-    sp = spec(dataset)
     x = np.asarray(x)
-    if sp.channels == 1:  # (255 - x) / 255 == 1 - x/255, rounded once: numpy and torch agree
+    # (255 - x) / 255 == 1 - x/255, rounded once: numpy and torch agree
+    if datasets.get(dataset).invert:
         return ((255 - x.astype(np.uint8)).astype(np.float32) / np.float32(255.0))[..., None, :, :]
     return np.moveaxis(x.astype(np.float32) / np.float32(255.0), -1, -3)
 
@@ -108,8 +84,7 @@ def to_float(x: Any, dataset: str) -> torch.Tensor:
     """
     import torch
 
-    sp = spec(dataset)
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    if sp.channels == 1:  # inverting in uint8 first saves a pass over the float batch
+    if datasets.get(dataset).invert:  # inverting in uint8 first saves a pass over the float batch
         return (255 - t.to(torch.uint8)).to(torch.float32).div_(255.0).unsqueeze(-3)
     return t.to(torch.float32).div_(255.0).movedim(-1, -3)

@@ -17,12 +17,19 @@ import mlflow
 import numpy as np
 import onnx
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from mamlops import tracking
+from mamlops.errors import UserError
 
 DEFAULT_ALIAS = "champion"
+BETTER_TAG = "eval_acc_support"  # the number "alias only if better" compares
+
+
+class RegistryError(UserError):
+    """The model cannot be registered: a bad file or an MLflow store that does not answer."""
 
 
 @contextlib.contextmanager
@@ -65,10 +72,15 @@ def log_and_register(
     Returns the new registered model version (with the alias set).
     """
     onnx_path = Path(onnx_path)
-    model = onnx.load(str(onnx_path))
+    if not onnx_path.is_file():
+        raise RegistryError(f"{onnx_path}: ONNX file not found; export one with `mamlops export`")
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as exc:  # protobuf's DecodeError and friends, untyped
+        raise RegistryError(f"{onnx_path}: not an ONNX file ({exc.__class__.__name__})") from None
     meta = {p.key: p.value for p in model.metadata_props}
     if "labels" not in meta:
-        raise ValueError(f"{onnx_path}: not a mamlops ONNX export (no 'labels' metadata)")
+        raise RegistryError(f"{onnx_path}: not a mamlops ONNX export (no 'labels' metadata)")
     import onnxruntime as ort
 
     example = _example(meta)
@@ -77,31 +89,78 @@ def log_and_register(
     signature = infer_signature(example, output)
     uri = tracking_uri or tracking.tracking_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    with _tracking_at(uri):
-        exp_id = None if run_id else _experiment_id(client, experiment, artifact_location)
-        with mlflow.start_run(run_id=run_id, experiment_id=exp_id) as run:
-            mlflow.set_tags(
-                {
-                    "mamlops.labels": meta["labels"],
-                    "mamlops.meta_model_sha256": meta.get("meta_model_sha256", ""),
-                    "mamlops.dataset": meta.get("dataset", ""),
-                }
-            )
-            info = mlflow.onnx.log_model(
-                model,
-                name="classifier",
-                signature=signature,
-                input_example=example,
-                save_as_external_data=False,
-                registered_model_name=model_name,
-            )
-        version = str(info.registered_model_version)
-        if alias:  # None: register only; the caller decides where the alias goes
-            client.set_registered_model_alias(model_name, alias, version)
-        client.set_model_version_tag(model_name, version, "labels", meta["labels"])
-        client.set_model_version_tag(model_name, version, "source_file", str(onnx_path.resolve()))
-        client.set_model_version_tag(model_name, version, "run_id", run.info.run_id)
-        client.set_model_version_tag(
-            model_name, version, "params", json.dumps(json.loads(meta.get("params", "{}")))
-        )
-        return client.get_model_version(model_name, version)
+    try:
+        with _tracking_at(uri):
+            exp_id = None if run_id else _experiment_id(client, experiment, artifact_location)
+            with mlflow.start_run(run_id=run_id, experiment_id=exp_id) as run:
+                mlflow.set_tags(
+                    {
+                        "mamlops.labels": meta["labels"],
+                        "mamlops.meta_model_sha256": meta.get("meta_model_sha256", ""),
+                        "mamlops.dataset": meta.get("dataset", ""),
+                    }
+                )
+                info = mlflow.onnx.log_model(
+                    model,
+                    name="classifier",
+                    signature=signature,
+                    input_example=example,
+                    save_as_external_data=False,
+                    registered_model_name=model_name,
+                )
+            version = str(info.registered_model_version)
+            if alias:  # None: register only; the caller decides where the alias goes
+                client.set_registered_model_alias(model_name, alias, version)
+            tags = {
+                "labels": meta["labels"],
+                "source_file": str(onnx_path.resolve()),
+                "run_id": run.info.run_id,
+                "params": json.dumps(json.loads(meta.get("params", "{}"))),
+            }
+            for key, value in tags.items():
+                client.set_model_version_tag(model_name, version, key, value)
+            return client.get_model_version(model_name, version)
+    # an unreachable server (OSError: refused, unknown host), a store MLflow cannot open
+    except (MlflowException, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
+        raise RegistryError(
+            f"MLflow store {uri} did not take the model ({first}); check that it is reachable "
+            "and writable, or point MLFLOW_TRACKING_URI at one that is"
+        ) from None
+
+
+def register_if_best(
+    onnx_path: Path,
+    model_name: str,
+    alias: str,
+    eval_acc: float | None,
+    run_id: str | None = None,
+) -> dict[str, int | str]:
+    """Register a new version; move ``alias`` to it unless the version holding the alias has a
+    better evaluated accuracy (tag ``eval_acc_support``), so a worse retrain never takes over
+    what ``models:/NAME@ALIAS`` serves."""
+    uri = tracking.tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    previous = None
+    try:
+        champion = client.get_model_version_by_alias(model_name, alias)
+        previous = (champion.version, float(champion.tags.get(BETTER_TAG, "nan")))
+    except MlflowException:  # no registered model or no alias yet: the new version takes it
+        previous = None
+    version = log_and_register(onnx_path, model_name, None, tracking_uri=uri, run_id=run_id)
+    if eval_acc is not None:
+        client.set_model_version_tag(model_name, version.version, BETTER_TAG, str(eval_acc))
+    better_before = (
+        previous is not None
+        and eval_acc is not None
+        and not np.isnan(previous[1])
+        and previous[1] > eval_acc
+    )
+    holder = previous[0] if better_before else version.version
+    client.set_registered_model_alias(model_name, alias, holder)
+    return {
+        "model": model_name,
+        "version": int(version.version),
+        "alias": alias,
+        "alias_on": int(holder),
+    }

@@ -1,23 +1,22 @@
 """Results table: this project's test accuracies next to the MAML paper's, into the README.
 
 Reads metrics/eval/<setting>.json (written by the evaluate stage) and, when present,
-metrics/train/<setting>.json, and renders one markdown row per setting. ``main`` rewrites the
-README between the two markers below, so the numbers in the README are always the ones the
-pipeline produced and never typed by hand.
+metrics/train/<setting>.json, and renders one markdown row per setting. ``update_readme``
+rewrites the README between the two markers below, so the numbers in the README are always the
+ones the pipeline produced and never typed by hand.
 
-    python -m mamlops.report                    # print the table
-    python -m mamlops.report --readme README.md # rewrite the README section
+    mamlops report                      # print the table
+    mamlops report --readme README.md   # rewrite the README section (make report)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
+from mamlops.errors import UserError
 from mamlops.files import write_text
 
 START = "<!-- results:start -->"
@@ -34,7 +33,7 @@ PAPER: dict[tuple[str, int, int], tuple[float, float]] = {
 }
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """Metrics or README cannot be used as they are; the message says what to do."""
 
 
@@ -115,25 +114,3 @@ def update_readme(readme: str | Path, body: str) -> Path:
         raise ReportError(f"{readme}: file not found")
     new = replace_section(readme.read_text(), body, str(readme))
     return write_text(readme, new)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mamlops.report", description=__doc__)
-    parser.add_argument("--metrics", default="metrics", help="folder with eval/ and train/")
-    parser.add_argument("--readme", help="rewrite this file's results section instead of printing")
-    args = parser.parse_args(argv)
-    table = render_table(load_results(args.metrics))
-    if args.readme:
-        try:
-            update_readme(args.readme, table)
-        except ReportError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(f"updated {args.readme}")
-    else:
-        print(table)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,18 +29,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from mamlops import datasets
+
 SPLITS = ("train", "val", "test")
-SCHEMES = ("vinyals", "random", "official")
+# Characters per split for each scheme (datasets.py): known in advance, so config.py checks the
+# episode settings before any work and ``make_omniglot_splits`` checks it got them.
+CHARACTER_COUNTS = datasets.OMNIGLOT.split_sizes
+SCHEMES = tuple(CHARACTER_COUNTS)
 N_ROTATIONS = 4
-# Characters per split for each scheme: known in advance so params can be checked before work.
-CHARACTER_COUNTS: dict[str, tuple[int, int, int]] = {
-    "vinyals": (1028, 172, 423),
-    "random": (1100, 100, 423),
-    "official": (806, 158, 659),
-}
 OFFICIAL_VAL_EVERY = 6  # official: every sixth background alphabet (positions 5, 11, ...) is val
-# miniImageNet (Ravi & Larochelle 2017): classes per split; no rotations.
-MINIIMAGENET_COUNTS = (64, 16, 20)
+MINIIMAGENET_COUNTS = datasets.MINIIMAGENET.split_sizes["ravi"]  # no rotations
 
 
 class Character(NamedTuple):
@@ -58,9 +56,7 @@ class Character(NamedTuple):
 def expected_class_counts(scheme: str, rotations: bool = True) -> dict[str, int]:
     """Classes per split for an Omniglot scheme, without looking at the data."""
     if scheme not in CHARACTER_COUNTS:
-        raise ValueError(
-            f"params.yaml: prepare.omniglot.split is {scheme!r}; expected one of {list(SCHEMES)}"
-        )
+        raise ValueError(f"unknown Omniglot split {scheme!r}; expected one of {list(SCHEMES)}")
     factor = N_ROTATIONS if rotations else 1
     return {s: n * factor for s, n in zip(SPLITS, CHARACTER_COUNTS[scheme], strict=True)}
 

@@ -122,3 +122,70 @@ def start_run(
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def log_metrics(values: Mapping[str, float], step: int | None = None) -> None:
+    """Numbers of the active run (the training loop's ``on_metrics`` callback)."""
+    import mlflow
+
+    mlflow.log_metrics(dict(values), step=step)
+
+
+def log_summary(
+    tags: Mapping[str, str],
+    metrics: Mapping[str, float],
+    artifacts: list[tuple[Path, str]],
+) -> None:
+    """Tags, final numbers and ``(file, artifact folder)`` pairs on the active run."""
+    import mlflow
+
+    mlflow.set_tags(dict(tags))
+    mlflow.log_metrics(dict(metrics))
+    for path, folder in artifacts:
+        mlflow.log_artifact(str(path), folder)
+
+
+def log_evaluation(
+    setting: str,
+    run_id: str | None,
+    metrics: Mapping[str, Any],
+    curve: list[dict[str, float]],
+    artifacts: list[Path],
+) -> str:
+    """Add an evaluation to the training run ``run_id`` (one run holds a model's whole story),
+    or to a new run tagged with the setting when that run is unknown; returns the run id.
+
+    Numbers become ``eval_<key>`` metrics, the accuracy after each inner step a curve
+    (``eval_curve_acc_*`` by step), strings tags, and ``artifacts`` go to ``eval/``.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(EXPERIMENT)
+    if run_id is not None:
+        try:
+            mlflow.get_run(run_id)
+        except Exception as exc:  # store moved or reset: do not lose the evaluation over it
+            print(f"warning: training run {run_id} not found ({exc}); logging to a new run")
+            run_id = None
+    if run_id is not None:
+        ctx = mlflow.start_run(run_id=run_id, log_system_metrics=False)
+    else:
+        tags = {**run_tags(f"evaluate@{setting}"), "mamlops.setting": setting}
+        ctx = mlflow.start_run(run_name=f"evaluate-{setting}", tags=tags)
+    numbers = {
+        f"eval_{k}": float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    with ctx as run:
+        mlflow.set_tags({f"eval.{k}": str(v) for k, v in metrics.items() if isinstance(v, str)})
+        mlflow.log_metrics(numbers)
+        for row in curve:
+            mlflow.log_metrics(
+                {f"eval_curve_{k}": v for k, v in row.items() if k != "step"},
+                step=int(row["step"]),
+            )
+        for path in artifacts:
+            mlflow.log_artifact(str(path), "eval")
+        return run.info.run_id

@@ -14,192 +14,32 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from . import maml
-from .episodes import TaskSampler, episode_tasks, load_bank, load_episodes
-from .files import atomic_write, write_safetensors, write_text
-from .malloc import keep_freed_memory
-from .model import ConvNetConfig, Params
-from .params import ParamsError
+from mamlops import maml, tracking
+from mamlops.checkpoint import (
+    CHECKPOINT,
+    load_checkpoint,
+    save_checkpoint,
+    save_theta,
+    theta_file,
+    write_run_id,
+)
+from mamlops.config import TrainConfig, resolve_device
+from mamlops.episodes import TaskSampler, episode_tasks, load_bank, load_episodes
+from mamlops.errors import UserError
+from mamlops.figures import training_curves
+from mamlops.files import write_json, write_text
+from mamlops.model import ConvNetConfig, Params
 
-DATASETS = ("omniglot", "miniimagenet")
-CHECKPOINT = "checkpoint.pt"
-THETA_FILES = {"best": "theta_best.safetensors", "final": "theta.safetensors"}
 HISTORY_COLUMNS = ("step", "loss", "train_acc", "val_acc", "meta_lr", "tasks_per_s")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """The meta-loss became NaN/inf; the last good checkpoint is kept on disk."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training setting: ``train.common`` merged with ``train.presets.<name>``."""
-
-    name: str
-    dataset: str
-    ways: int
-    shots: int
-    query: int
-    meta_batch: int
-    inner_lr: float
-    inner_steps: int
-    test_inner_steps: int
-    meta_lr: float
-    iterations: int
-    seed: int = 0
-    device: str = "auto"
-    amp_bf16: bool = False
-    strategy: str = "auto"
-    first_order: bool = False
-    first_order_iters: int = 0
-    learn_inner_lr: bool = False
-    per_step_bn: bool = False
-    multi_step_loss: bool = False
-    multi_step_anneal_iters: int = 0
-    cosine_meta_lr: bool = False
-    grad_clip: float = 0.0
-    val_every: int = 250
-    val_episodes: int = 100
-    checkpoint_every: int = 250
-    log_every: int = 10
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any], name: str) -> TrainConfig:
-        """Merge and check; errors name the params.yaml key and what would work."""
-        train = params.get("train")
-        if not isinstance(train, dict):
-            raise ParamsError("params.yaml: section 'train' is missing")
-        presets = train.get("presets") or {}
-        if name not in presets:
-            known = ", ".join(sorted(presets)) or "none"
-            raise ParamsError(
-                f"params.yaml: train.presets has no setting {name!r} (known: {known}); "
-                "add it under train.presets or pick a known one"
-            )
-        merged = {**(train.get("common") or {}), **presets[name], "name": name}
-        known_keys = {f.name for f in fields(cls)}
-        unknown = sorted(set(merged) - known_keys)
-        if unknown:
-            raise ParamsError(
-                f"params.yaml: train.presets.{name} / train.common: unknown key(s) {unknown}"
-            )
-        missing = sorted(
-            f.name for f in fields(cls) if f.name not in merged and f.default is MISSING
-        )
-        if missing:
-            raise ParamsError(f"params.yaml: train.presets.{name} is missing {missing}")
-        cfg = cls(**merged)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        where = f"params.yaml: train.presets.{self.name}"
-        if self.dataset not in DATASETS:
-            raise ParamsError(f"{where}.dataset must be one of {DATASETS}, got {self.dataset!r}")
-        for key in ("ways", "shots", "query", "meta_batch", "iterations", "val_every"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ParamsError(f"{where}.{key} must be a positive integer, got {value!r}")
-        for key in ("inner_steps", "test_inner_steps", "checkpoint_every", "val_episodes"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ParamsError(f"{where}.{key} must be an integer >= 0, got {value!r}")
-        if self.ways < 2:
-            raise ParamsError(f"{where}.ways must be at least 2, got {self.ways}")
-        for key in ("inner_lr", "meta_lr"):
-            value = getattr(self, key)
-            if not isinstance(value, int | float) or not value > 0:
-                raise ParamsError(f"{where}.{key} must be a positive number, got {value!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ParamsError(f"{where}.device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.strategy not in ("auto", "loop", "batched"):
-            raise ParamsError(f"{where}.strategy must be auto, loop or batched")
-
-    @property
-    def model_cfg(self) -> ConvNetConfig:
-        return ConvNetConfig.for_dataset(self.dataset, self.ways)
-
-    @property
-    def maml_cfg(self) -> maml.MAMLConfig:
-        return maml.MAMLConfig(
-            inner_lr=float(self.inner_lr),
-            inner_steps=self.inner_steps,
-            first_order=self.first_order,
-            strategy=self.strategy,  # type: ignore[arg-type]
-            learn_inner_lr=self.learn_inner_lr,
-            per_step_bn=self.per_step_bn,
-            multi_step_loss=self.multi_step_loss,
-            multi_step_anneal_iters=self.multi_step_anneal_iters,
-            first_order_iters=self.first_order_iters,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ParamsError(f"device {name!r} asked for, but CUDA is not available; use auto or cpu")
-    return torch.device(name)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_theta(params: Params, path: Path, metadata: dict[str, str]) -> None:
-    """theta as safetensors (loadable without unpickling), written atomically."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
-    write_safetensors(path, tensors, metadata)
-
-
-def theta_file(model_dir: Path, checkpoint: str, key: str) -> Path:
-    """The theta a later stage uses: ``best`` (highest val accuracy) or ``final``; ``key`` is the
-    params.yaml key that chose it, for the error message."""
-    if checkpoint not in THETA_FILES:
-        raise ParamsError(f"params.yaml: {key} must be 'best' or 'final', got {checkpoint!r}")
-    return Path(model_dir) / THETA_FILES[checkpoint]
-
-
-def load_theta(path: Path) -> tuple[Params, dict[str, str]]:
-    """theta and its metadata (config JSON, setting name); safetensors only."""
-    from safetensors import safe_open
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no meta-model here; run the train stage first")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if "train_config" not in metadata:
-        raise ValueError(f"{path}: not a mamlops meta-model (no train_config metadata)")
-    return load_file(str(path)), metadata
-
-
-def theta_metadata(cfg: TrainConfig, step: int) -> dict[str, str]:
-    return {
-        "format": "mamlops-theta-1",
-        "train_config": json.dumps(cfg.to_dict()),
-        "model_config": json.dumps(cfg.model_cfg.to_dict()),
-        "step": str(step),
-    }
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    # weights_only: tensors, numbers, strings and dicts; nothing gets unpickled into code
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -233,13 +73,12 @@ def validate(
 ) -> float:
     """Mean query accuracy on the fixed val episodes after ``test_inner_steps`` adaptation."""
     n = min(cfg.val_episodes, len(episodes)) if cfg.val_episodes else len(episodes)
+    model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
     accs = []
     for start in range(0, n, batch):
         tasks = episode_tasks(val_bank, episodes, start, min(start + batch, n)).to(device)
         accs.append(
-            maml.evaluate_tasks(
-                params, tasks, cfg.model_cfg, cfg.test_inner_steps, float(cfg.inner_lr)
-            )
+            maml.evaluate_tasks(params, tasks, model_cfg, cfg.test_inner_steps, cfg.inner_lr)
         )
     return float(torch.cat(accs).mean())
 
@@ -260,9 +99,7 @@ def train(
     at that step (tests use it to simulate an interruption without killing the process).
     """
     device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # no effect on results; see malloc.py
-    model_cfg, maml_cfg = cfg.model_cfg, cfg.maml_cfg
+    model_cfg, maml_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways), cfg.maml
     train_bank = load_bank(prepared_dir, "train").to(device)
     sampler = TaskSampler(train_bank, cfg.ways, cfg.shots, cfg.query, seed=cfg.seed)
     val_bank = load_bank(prepared_dir, "val").to(device)
@@ -276,11 +113,11 @@ def train(
     opt = torch.optim.Adam(params.values(), lr=cfg.meta_lr)
 
     ckpt_path = checkpoint_dir / CHECKPOINT
-    state = _load_checkpoint(ckpt_path)
+    state = load_checkpoint(ckpt_path)
     start, best_val, best_step, history = 0, -1.0, -1, []
     if state is not None:
         if state["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
-            raise ValueError(
+            raise UserError(
                 f"{ckpt_path} was written with other train params; delete it (or the "
                 "checkpoint folder) to start over, or restore the params it was made with"
             )
@@ -295,7 +132,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(step: int) -> None:
-        _save_checkpoint(
+        save_checkpoint(
             ckpt_path,
             {
                 "config": json.dumps(cfg.to_dict(), sort_keys=True),
@@ -339,7 +176,7 @@ def train(
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
                     f"meta-loss is {loss_value} at iteration {done}; the last good checkpoint"
-                    f" ({ckpt_path}) is kept. Lower train.meta_lr or inner_lr, or enable "
+                    f" ({ckpt_path}) is kept. Lower meta_lr or inner_lr, or enable "
                     "grad_clip, then rerun to resume from it"
                 )
             opt.step()
@@ -361,7 +198,7 @@ def train(
                 row = {**row, "step": done, "val_acc": val_acc}
                 if val_acc > best_val:
                     best_val, best_step = val_acc, done
-                    save_theta(params, theta_file(out_dir, "best", ""), theta_metadata(cfg, done))
+                    save_theta(params, theta_file(out_dir, "best"), cfg, done)
             if row:
                 history.append(row)
                 if on_metrics is not None:
@@ -375,10 +212,8 @@ def train(
     final_step = end
     if final_step > start or state is None:
         checkpoint(final_step)
-    if final_step == cfg.iterations:
-        save_theta(params, theta_file(out_dir, "final", ""), theta_metadata(cfg, final_step))
-        if best_step < 0:  # no validation ran (iterations < val_every never happens, but be safe)
-            save_theta(params, theta_file(out_dir, "best", ""), theta_metadata(cfg, final_step))
+    if final_step == cfg.iterations:  # the last iteration always validates: theta_best exists
+        save_theta(params, theta_file(out_dir, "final"), cfg, final_step)
     seconds = time.perf_counter() - t0
     return TrainResult(
         step=final_step,
@@ -390,7 +225,7 @@ def train(
         resumed_from=resumed_from,
         history=history,
         strategy=maml.resolve_strategy(
-            cfg.strategy, device, model_cfg, cfg.ways * (cfg.shots + cfg.query)
+            maml_cfg.strategy, device, model_cfg, cfg.ways * (cfg.shots + cfg.query)
         ),
     )
 
@@ -407,6 +242,63 @@ def _cell(value: float | None) -> str:
     if value is None:
         return ""
     return str(int(value)) if float(value).is_integer() and abs(value) > 1 else f"{value:.6g}"
+
+
+def train_stage(
+    cfg: TrainConfig,
+    prepared_dir: Path,
+    model_dir: Path,
+    checkpoint_dir: Path,
+    metrics_path: Path,
+    plot_path: Path,
+    *,
+    progress: bool = True,
+) -> TrainResult:
+    """The stage ``train@<setting>`` (and ``mamlops train``): ``train`` inside one MLflow run.
+
+    Writes ``model_dir/theta{,_best}.safetensors`` and ``mlflow_run_id``, the summary
+    ``metrics_path`` (JSON) and the per-step ``plot_path`` (TSV); MLflow gets the params, every
+    logged step, the summary, the resolved strategy, the curves, checkpoint and theta.
+    """
+    model_dir, plot_path = Path(model_dir), Path(plot_path)
+    with tracking.start_run(
+        f"train@{cfg.name}", cfg.to_dict(), run_name=f"train-{cfg.name}"
+    ) as run:
+        result = train(
+            cfg,
+            Path(prepared_dir),
+            model_dir,
+            Path(checkpoint_dir),
+            on_metrics=tracking.log_metrics,
+            progress=progress,
+        )
+        write_history(result.history, plot_path)
+        metrics = {
+            "iterations": result.step,
+            "best_val_acc": result.best_val_acc,
+            "best_step": result.best_step,
+            "final_loss": result.final_loss,
+            "tasks_per_s": result.tasks_per_s,
+            "train_seconds": result.seconds,
+            "resumed_from": result.resumed_from,
+        }
+        write_json(metrics_path, metrics)
+        curves = training_curves(
+            result.history, model_dir / "training_curves.png", f"{cfg.name}: meta-training"
+        )
+        tracking.log_summary(
+            {"mamlops.strategy": result.strategy},
+            {f"final_{k}": float(v) for k, v in metrics.items()},
+            [
+                (curves, "plots"),
+                (plot_path, "plots"),
+                (Path(checkpoint_dir) / CHECKPOINT, "checkpoint"),
+                (theta_file(model_dir, "best"), "model"),
+            ],
+        )
+        write_run_id(model_dir, run.info.run_id)
+    print(f"{cfg.name}: best val acc {result.best_val_acc:.4f} at step {result.best_step}")
+    return result
 
 
 class _Progress:

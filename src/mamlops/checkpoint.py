@@ -1,0 +1,107 @@
+"""Files a trained meta-model lives in: theta, the resumable checkpoint, the MLflow run id.
+
+Out of ``train.py`` so that evaluation, adaptation and serving read a model without importing
+the training loop.
+
+* ``theta.safetensors`` / ``theta_best.safetensors``: the meta-parameters (last iteration /
+  highest validation accuracy) with the train config as metadata. safetensors, so a file someone
+  hands you loads without unpickling; byte-identical for identical runs, so DVC hashes match.
+* ``checkpoint.pt``: theta, Adam's moments, the task sampler's RNG state and the step, for a
+  bitwise resume. Read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+  dicts only, nothing is unpickled into code.
+* ``mlflow_run_id``: the training run that evaluation and export add to.
+
+Example::
+
+    theta, meta = load_theta(theta_file(Path("models/omniglot-5w1s"), "best"))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from mamlops.config import THETA_CHOICES, TrainConfig
+from mamlops.errors import UserError
+from mamlops.files import atomic_write, write_safetensors, write_text
+from mamlops.model import ConvNetConfig, Params
+
+CHECKPOINT = "checkpoint.pt"
+THETA_FILES = dict(zip(THETA_CHOICES, ("theta_best.safetensors", "theta.safetensors"), strict=True))
+RUN_ID_FILE = "mlflow_run_id"
+THETA_FORMAT = "mamlops-theta-1"
+
+
+class ModelFileError(UserError):
+    """A meta-model file is missing or is not one mamlops wrote; the message says which."""
+
+
+def theta_file(model_dir: Path, which: str = "best") -> Path:
+    """The theta a later stage uses: ``best`` (highest val accuracy) or ``final``."""
+    return Path(model_dir) / THETA_FILES[which]
+
+
+def theta_metadata(cfg: TrainConfig, step: int) -> dict[str, str]:
+    """What a theta file says about itself: the train config it came from, its network and the
+    iteration it was taken at (JSON with sorted keys, so identical runs write identical bytes)."""
+    model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
+    return {
+        "format": THETA_FORMAT,
+        "train_config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "model_config": json.dumps(model_cfg.to_dict(), sort_keys=True),
+        "step": str(step),
+    }
+
+
+def save_theta(params: Params, path: Path, cfg: TrainConfig, step: int) -> Path:
+    """theta as safetensors, written atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
+    return write_safetensors(path, tensors, theta_metadata(cfg, step))
+
+
+def load_theta(path: Path) -> tuple[Params, dict[str, Any]]:
+    """theta and its metadata: ``train_config`` and ``model_config`` parsed, ``step`` an int."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no meta-model here; run the train stage first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{path}: not a safetensors file ({exc})") from None
+    if "train_config" not in metadata or "model_config" not in metadata:
+        raise ModelFileError(f"{path}: not a mamlops meta-model (no train_config metadata)")
+    meta = {
+        "train_config": json.loads(metadata["train_config"]),
+        "model_config": json.loads(metadata["model_config"]),
+        "step": int(metadata.get("step", -1)),
+    }
+    return load_file(str(path)), meta
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The saved training state, or None when there is none yet."""
+    if not Path(path).is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_run_id(model_dir: Path, run_id: str) -> Path:
+    return write_text(Path(model_dir) / RUN_ID_FILE, run_id + "\n")
+
+
+def read_run_id(model_dir: Path) -> str | None:
+    """The MLflow run that trained the model in ``model_dir``, if recorded."""
+    path = Path(model_dir) / RUN_ID_FILE
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None

@@ -1,0 +1,85 @@
+"""Per-dataset facts, in one table: what a prepared image looks like and which network reads it.
+
+Training, evaluation, adaptation and serving must agree on these numbers; if each module kept
+its own copy, an edit to one (say, the image size) would leave a served model fed images of a
+size it was never trained on. So ``preprocess``, ``model``, ``prepare``, ``splits``,
+``episodes``, ``classifier`` and ``miniimagenet`` all read them from here, and nothing in
+``params.yaml`` overrides them: they are facts of the data set and of the paper's network, not
+knobs.
+
+Pure data, torch-free: the serving path (``preprocess``, ``onnx_predict``) reads it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mamlops.errors import UserError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One data set: image format, value scaling, network geometry, class and split sizes."""
+
+    name: str
+    image_size: int  # side of the square image the network sees (resized with LANCZOS)
+    channels: int
+    color_mode: str  # Pillow mode the image is converted to before resizing
+    invert: bool  # float input is 1 - x/255 (Omniglot: strokes = 1), else x/255
+    hidden: int  # filters per conv block (the paper: 64 for Omniglot, 32 for miniImageNet)
+    max_pool: bool  # stride-1 convs + 2x2 max-pool (miniImageNet) or stride-2 convs (Omniglot)
+    images_per_class: int
+    # classes (Omniglot: characters, before rotations) per split (train, val, test) per scheme
+    split_sizes: dict[str, tuple[int, int, int]]
+
+    @property
+    def scale(self) -> str:
+        """The float scaling in words, as written into classifier and ONNX metadata."""
+        return "1 - x / 255" if self.invert else "x / 255"
+
+    @property
+    def classes(self) -> int:
+        """Classes (characters) in the whole data set."""
+        return sum(next(iter(self.split_sizes.values())))
+
+
+OMNIGLOT = Dataset(
+    name="omniglot",
+    image_size=28,
+    channels=1,
+    color_mode="L",
+    invert=True,
+    hidden=64,
+    max_pool=False,
+    images_per_class=20,
+    # Vinyals et al. 2016; the MAML paper code's random 1100/100/423; Lake et al.'s background /
+    # evaluation with every sixth background alphabet held out for validation (splits.py)
+    split_sizes={
+        "vinyals": (1028, 172, 423),
+        "random": (1100, 100, 423),
+        "official": (806, 158, 659),
+    },
+)
+
+MINIIMAGENET = Dataset(
+    name="miniimagenet",
+    image_size=84,
+    channels=3,
+    color_mode="RGB",
+    invert=False,
+    hidden=32,
+    max_pool=True,
+    images_per_class=600,
+    split_sizes={"ravi": (64, 16, 20)},  # Ravi & Larochelle 2017
+)
+
+DATASETS: dict[str, Dataset] = {d.name: d for d in (OMNIGLOT, MINIIMAGENET)}
+NAMES = tuple(DATASETS)
+
+
+def get(name: str) -> Dataset:
+    """The facts of ``name``; a clear error for unknown names."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise UserError(f"unknown dataset {name!r}; expected one of {list(NAMES)}") from None

@@ -1,0 +1,127 @@
+"""dvc.yaml cannot drift from the code: each stage depends on exactly the modules it imports,
+and passes the paths the CLI uses by default (``config.Layout``).
+
+A stage whose deps miss a module it imports is silently reused by ``dvc repro`` after that
+module changed (stale outputs); so each stage's deps must list every module of
+``src/mamlops`` in the transitive import closure of its script, imports inside functions
+included. Modules that cannot change an output are left out on purpose (``NO_OUTPUT_EFFECT``);
+listing a module the stage does not import is an error too (needless re-runs).
+"""
+
+from __future__ import annotations
+
+import ast
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from mamlops.config import Layout
+
+PKG = REPO / "src" / "mamlops"
+# atomic writes, one-line error reporting, MLflow logging, glibc malloc settings
+NO_OUTPUT_EFFECT = {"files", "errors", "tracking", "malloc"}
+STAGES = ("download", "prepare", "train", "evaluate", "export")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Modules of the package that ``path`` imports anywhere in it (absolute or relative)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: only package modules use them
+                base = "mamlops" + (f".{base}" if base else "")
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "mamlops" and len(parts) > 1 and (PKG / f"{parts[1]}.py").is_file():
+                found.add(parts[1])
+    return found
+
+
+def closure(script: Path) -> set[str]:
+    todo, seen = list(imported_modules(script)), set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(imported_modules(PKG / f"{module}.py"))
+    return seen
+
+
+def stage(name: str, dvc: dict | None = None) -> dict:
+    spec = (dvc or yaml.safe_load((REPO / "dvc.yaml").read_text()))["stages"][name]
+    return spec.get("do", spec)
+
+
+def listed_modules(deps: list[str]) -> set[str]:
+    prefix = "src/mamlops/"
+    return {d[len(prefix) : -3] for d in deps if d.startswith(prefix) and d.endswith(".py")}
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_deps_are_the_import_closure(name: str) -> None:
+    spec = stage(name)
+    script = f"pipeline/{name}.py"
+    assert script in spec["deps"], f"{name}: its own script is not a dep"
+    want = closure(REPO / script) - NO_OUTPUT_EFFECT
+    got = listed_modules(spec["deps"])
+    assert want - got == set(), f"dvc.yaml stage {name} misses deps on {sorted(want - got)}"
+    assert got - want == set(), f"dvc.yaml stage {name} lists unused {sorted(got - want)}"
+
+
+def test_the_check_catches_a_removed_dep() -> None:
+    """Take an import's dep out of dvc.yaml, as a careless edit would: the check must fail."""
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    spec = stage("export", dvc)
+    spec["deps"].remove("src/mamlops/maml.py")  # export adapts with maml.adapt_detached
+    want = closure(REPO / "pipeline/export.py") - NO_OUTPUT_EFFECT
+    assert "maml" in want - listed_modules(spec["deps"])
+
+
+def test_closure_follows_imports_inside_functions(tmp_path: Path) -> None:
+    script = tmp_path / "s.py"
+    script.write_text("def f():\n    from mamlops.registry import register_if_best\n")
+    assert {"registry", "tracking", "errors"} <= closure(script)
+
+
+def _cmd_args(name: str, key: str, item: str) -> list[str]:
+    cmd = stage(name)["cmd"].replace("${key}", key).replace("${item}", item)
+    return shlex.split(cmd)[2:]  # after `python pipeline/<name>.py`
+
+
+def test_command_lines_use_the_cli_paths() -> None:
+    """The stage scripts get their paths from dvc.yaml; the CLI's defaults must be the same."""
+    lay, s, d = Layout(), "my-setting", "omniglot"
+    assert _cmd_args("download", s, d) == [str(lay.raw_omniglot)]
+    assert _cmd_args("prepare", s, d) == [d, str(lay.raw_omniglot), str(lay.prepared(d))]
+    assert _cmd_args("train", s, d) == [
+        s,
+        str(lay.prepared(d)),
+        str(lay.model_dir(s)),
+        str(lay.checkpoint_dir(s)),
+        str(lay.metrics("train", s)),
+        str(lay.train_plot(s)),
+    ]
+    assert _cmd_args("evaluate", s, d) == [
+        s,
+        str(lay.prepared(d)),
+        str(lay.model_dir(s)),
+        str(lay.metrics("eval", s)),
+        str(lay.eval_steps_plot(s)),
+        str(lay.episodes_plot(s)),
+    ]
+    assert _cmd_args("export", s, d) == [
+        s,
+        str(lay.prepared(d)),
+        str(lay.model_dir(s)),
+        str(lay.metrics("eval", s)),
+        str(lay.metrics("export", s)),
+    ]
