@@ -23,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from mamlops.config import THETA_CHOICES, TrainConfig
 from mamlops.errors import UserError
-from mamlops.files import atomic_write, write_safetensors, write_text
+from mamlops.files import atomic_write, read_safetensors, write_safetensors, write_text
 from mamlops.model import ConvNetConfig, Params
 
 CHECKPOINT = "checkpoint.pt"
@@ -69,11 +67,7 @@ def load_theta(path: Path) -> tuple[Params, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no meta-model here; run the train stage first")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFileError(f"{path}: not a safetensors file ({exc})") from None
+    tensors, metadata = read_safetensors(path, ModelFileError)
     if "train_config" not in metadata or "model_config" not in metadata:
         raise ModelFileError(f"{path}: not a mamlops meta-model (no train_config metadata)")
     meta = {
@@ -81,7 +75,7 @@ def load_theta(path: Path) -> tuple[Params, dict[str, Any]]:
         "model_config": json.loads(metadata["model_config"]),
         "step": int(metadata.get("step", -1)),
     }
-    return load_file(str(path)), meta
+    return tensors, meta
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from mamlops import datasets
 from mamlops.errors import UserError
-from mamlops.files import write_safetensors
+from mamlops.files import read_safetensors, write_safetensors
 from mamlops.model import BN_EPS, N_BLOCKS, BNStats, ConvNetConfig, Params, forward, init_params
 
 FORMAT_NAME = "mamlops-classifier"
@@ -141,12 +140,7 @@ class Classifier:
         path = Path(path)
         if not path.is_file():
             raise ClassifierFileError(f"{path}: classifier file not found")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ClassifierFileError(f"{path}: not a safetensors file ({exc})") from exc
+        tensors, meta = read_safetensors(path, ClassifierFileError)
         if meta.get("format") != FORMAT_NAME:
             raise ClassifierFileError(f"{path}: safetensors file but not a mamlops classifier")
         if meta.get("format_version") != FORMAT_VERSION:

@@ -226,10 +226,6 @@ class PrepareConfig:
         )
         return cls(split, split_seed, rotations, mini_settings, episodes, chosen)
 
-    def settings_for(self, dataset: str) -> tuple[tuple[int, int], ...]:
-        """The (ways, shots) pairs that get fixed episode files for ``dataset``."""
-        return self.episodes.settings if dataset == "omniglot" else self.miniimagenet_settings
-
 
 def _settings(value: Any, where: str) -> tuple[tuple[int, int], ...]:
     if not isinstance(value, list) or not value:

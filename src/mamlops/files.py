@@ -59,6 +59,23 @@ def write_safetensors(
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+def read_safetensors(
+    path: str | Path, error: type[Exception] = ValueError
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file in one read; ``error(message)`` when it is
+    missing or not safetensors. Never unpickles: the format holds tensors and strings only."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise error(f"{path}: not a safetensors file ({exc})") from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
