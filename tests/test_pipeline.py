@@ -319,3 +319,21 @@ def test_mlflow_models_serve_answers_for_the_champion(repo: Path, tmp_path: Path
     np.testing.assert_allclose(got, local.predict_array(x), atol=1e-6, rtol=0)
     truth = np.repeat(np.arange(len(labels)), 3)
     assert (got.argmax(1) == truth).mean() > 0.2
+
+
+@pytest.mark.timeout(600)
+def test_exp_run_after_a_finished_run(repo: Path, pipeline_env: dict[str, str]) -> None:
+    """The README's next step after `dvc repro`: change a param as a DVC experiment. The
+    persisted checkpoint of the finished run must not block it (it used to fail at once with
+    'written with other train params'): the new params train from scratch. Runs last here: it
+    changes the workspace that the tests above read."""
+    out = _run(
+        ["dvc", "exp", "run", "-n", "mb2", "-S", f"train.presets.{SETTING}.meta_batch=2"],
+        repo,
+        pipeline_env,
+    )
+    assert "other train params: starting from scratch" in out
+    train = json.loads((repo / "metrics" / "train" / f"{SETTING}.json").read_text())
+    assert train["iterations"] == 20 and train["resumed_from"] == 0
+    shown = _run(["dvc", "exp", "show", "--json"], repo, pipeline_env)
+    assert '"mb2"' in shown and '"meta_batch": 2' in shown

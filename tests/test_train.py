@@ -161,16 +161,28 @@ def test_killed_run_resumes_to_the_same_theta(omniglot_prepared: Path, tmp_path:
     assert resumed.best_val_acc == straight.best_val_acc
 
 
-def test_resume_refuses_other_params(omniglot_prepared: Path, tmp_path: Path) -> None:
-    train(tiny_cfg(iterations=3), omniglot_prepared, tmp_path, tmp_path / "ck", progress=False)
-    with pytest.raises(ValueError, match="other train params"):
-        train(
-            tiny_cfg(iterations=3, inner_lr=0.3),
-            omniglot_prepared,
-            tmp_path,
-            tmp_path / "ck",
-            progress=False,
-        )
+def test_other_params_start_from_scratch(omniglot_prepared: Path, tmp_path: Path, capsys) -> None:
+    """A finished run's checkpoint is not resumed by a run with other params (what `dvc exp run
+    -S ...` does after `dvc repro`): that run starts fresh, says so, and ends where a run from
+    an empty checkpoint folder ends (same process, threads and shapes: bitwise)."""
+    train(
+        tiny_cfg(iterations=3), omniglot_prepared, tmp_path / "a", tmp_path / "ck", progress=False
+    )
+    other = tiny_cfg(iterations=3, inner_lr=0.3)
+    result = train(other, omniglot_prepared, tmp_path / "a", tmp_path / "ck", progress=False)
+    assert "other train params: starting from scratch" in capsys.readouterr().out
+    assert result.resumed_from == 0 and result.step == 3
+    fresh = train(other, omniglot_prepared, tmp_path / "b", tmp_path / "ck-b", progress=False)
+
+    def numbers(history: list[dict]) -> list[dict]:  # all but the timing
+        return [{k: v for k, v in row.items() if k != "tasks_per_s"} for row in history]
+
+    assert numbers(result.history) == numbers(fresh.history)
+    a = load_file(tmp_path / "a" / "theta.safetensors")
+    b = load_file(tmp_path / "b" / "theta.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = train(other, omniglot_prepared, tmp_path / "a", tmp_path / "ck", progress=False)
+    assert again.resumed_from == 3  # the replaced checkpoint now belongs to these params
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(

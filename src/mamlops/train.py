@@ -95,8 +95,9 @@ def train(
 ) -> TrainResult:
     """Meta-train ``cfg`` and write ``out_dir/theta.safetensors`` and ``theta_best.safetensors``.
 
-    Resumes from ``checkpoint_dir/checkpoint.pt`` when present. ``stop_after`` ends the loop early
-    at that step (tests use it to simulate an interruption without killing the process).
+    Resumes from ``checkpoint_dir/checkpoint.pt`` when it was written with the same config (a
+    checkpoint of other params is replaced, with a one-line notice). ``stop_after`` ends the
+    loop early at that step (tests use it to simulate an interruption without killing it).
     """
     device = resolve_device(cfg.device)
     model_cfg, maml_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways), cfg.maml
@@ -115,12 +116,12 @@ def train(
     ckpt_path = checkpoint_dir / CHECKPOINT
     state = load_checkpoint(ckpt_path)
     start, best_val, best_step, history = 0, -1.0, -1, []
+    if state is not None and state["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
+        # a run with other params (e.g. `dvc exp run -S ...` after a finished run): resuming
+        # would mix two configs, so this run starts from scratch and replaces the checkpoint
+        print(f"{ckpt_path} was written with other train params: starting from scratch")
+        state = None
     if state is not None:
-        if state["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
-            raise UserError(
-                f"{ckpt_path} was written with other train params; delete it (or the "
-                "checkpoint folder) to start over, or restore the params it was made with"
-            )
         with torch.no_grad():
             for k, v in state["params"].items():
                 params[k].copy_(v)
