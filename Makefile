@@ -18,9 +18,9 @@ $(BIN)/mamlops: pyproject.toml
 
 install: $(BIN)/mamlops
 
+# the README's results table is `make report`'s: a run changes only DVC's outputs and dvc.lock
 run: install
 	$(BIN)/dvc repro
-	$(BIN)/mamlops report --readme README.md
 
 test: install
 	$(BIN)/pytest -q
