@@ -163,6 +163,12 @@ def test_predict_top_k(exported: dict, top_k: int) -> None:
 # ------------------------------------------------------------------------ register errors
 
 
+@pytest.mark.parametrize("kind", ["safetensors", "onnx"])
+def test_predict_on_a_non_image_is_one_line(exported: dict, kind: str) -> None:
+    result = runner.invoke(app, ["predict", str(exported[kind]), str(REPO / "README.md")])
+    _one_line_error(result, "README.md", "cannot read image")
+
+
 def test_register_bad_paths_are_one_line(tmp_path) -> None:
     _one_line_error(runner.invoke(app, ["register", str(tmp_path / "nope.onnx")]), "nope.onnx")
     junk = tmp_path / "junk.onnx"

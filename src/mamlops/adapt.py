@@ -27,14 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from mamlops import maml
 from mamlops.checkpoint import load_theta
 from mamlops.classifier import Classifier, file_sha256
 from mamlops.errors import UserError
 from mamlops.model import ConvNetConfig, batch_stats, forward
-from mamlops.preprocess import load_image, to_float
+from mamlops.preprocess import ImageError, read_image, to_float
 
 BATCH = 256
 
@@ -79,12 +78,9 @@ def load_images(paths: Sequence[str | Path], dataset: str) -> torch.Tensor:
     arrays = []
     for path in paths:
         try:
-            arrays.append(load_image(path, dataset))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise AdaptInputError(
-                f"cannot read image {path} ({exc.__class__.__name__}: {exc}); convert it to "
-                "PNG or JPEG, or remove it from the folder"
-            ) from exc
+            arrays.append(read_image(path, dataset))
+        except ImageError as exc:
+            raise AdaptInputError(f"{exc}, or remove it from the folder") from exc
     return to_float(np.stack(arrays), dataset)
 
 

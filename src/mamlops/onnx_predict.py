@@ -87,7 +87,7 @@ class OnnxClassifier:
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
         """Paths / PIL images -> float32 [N, C, H, W] with the dataset's own preprocessing."""
-        arrays = [preprocess.load_image(image, self.dataset) for image in images]
+        arrays = [preprocess.read_image(image, self.dataset) for image in images]
         x = preprocess.to_float_numpy(np.stack(arrays), self.dataset)
         shape = (len(arrays), self.channels, self.image_size, self.image_size)
         return np.ascontiguousarray(x, dtype=np.float32).reshape(shape)

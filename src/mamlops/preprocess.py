@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from mamlops import datasets
+from mamlops.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported lazily in ``to_float`` so serving can skip it
     import torch
@@ -66,6 +67,22 @@ def load_image(image: str | Path | bytes | Image.Image, dataset: str) -> np.ndar
     if im.size != (side, side):
         im = im.resize((side, side), resample=Image.Resampling.LANCZOS)
     return np.asarray(im, dtype=np.uint8)
+
+
+class ImageError(UserError):
+    """An image that cannot be decoded; the message names it."""
+
+
+def read_image(image: str | Path | bytes | Image.Image, dataset: str) -> np.ndarray:
+    """``load_image`` for input a user hands over: an unreadable file becomes an ``ImageError``
+    that names it, instead of whichever of Pillow's many exceptions it raised."""
+    try:
+        return load_image(image, dataset)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # incl. Unidentified...
+        name = image if isinstance(image, str | Path) else "the image"
+        raise ImageError(
+            f"cannot read image {name} ({exc.__class__.__name__}: {exc}); convert it to PNG or JPEG"
+        ) from exc
 
 
 def to_float_numpy(x: np.ndarray, dataset: str) -> np.ndarray:
