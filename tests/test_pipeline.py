@@ -328,7 +328,9 @@ def test_exp_run_after_a_finished_run(repo: Path, pipeline_env: dict[str, str]) 
     'written with other train params'): the new params train from scratch. Runs last here: it
     changes the workspace that the tests above read."""
     out = _run(
-        ["dvc", "exp", "run", "-n", "mb2", "-S", f"train.presets.{SETTING}.meta_batch=2"],
+        # evaluate.steps=1 only keeps the suite short
+        ["dvc", "exp", "run", "-n", "mb2", "-S", f"train.presets.{SETTING}.meta_batch=2"]
+        + ["-S", "evaluate.steps=1"],
         repo,
         pipeline_env,
     )
