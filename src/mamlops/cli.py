@@ -66,7 +66,7 @@ def download(
         if mirror is None and params_file.is_file():
             params_mirror = DataConfig.from_params(load_params(params_file)).mirror
         summary = fetch_omniglot(dest, resolve_mirror(params_mirror, flag=mirror), force=force)
-    typer.echo(json.dumps({k: summary[k] for k in ("source", "counts")}, indent=2))
+    typer.echo(json.dumps({k: summary.get(k) for k in ("source", "counts", "skipped")}, indent=2))
 
 
 @app.command()

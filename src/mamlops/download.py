@@ -354,7 +354,8 @@ def fetch_omniglot(
     ``mirror`` is a local folder or an http/https/file URL base holding ``images_background.zip``
     and ``images_evaluation.zip``; ``None`` uses the official GitHub release. When ``dest`` already
     holds a verified copy with the recorded fingerprints it is re-checked and kept (unless
-    ``force``). Returns ``{"source", "fingerprints", "counts", "skipped"}``.
+    ``force``). Returns ``{"fingerprints", "counts", "skipped"}``, and ``"source"`` (the zips'
+    URL base or folder) when it downloaded.
     """
     dest = Path(dest).absolute()
     if not force:
@@ -378,14 +379,16 @@ def fetch_omniglot(
         finally:
             for archive in archives:
                 archive.close()
-        summary = {"source": base, **verify_omniglot(staged)}
+        summary = verify_omniglot(staged)
         summary.pop("root")
         # The marker goes in last: its presence means the tree beside it passed verification.
+        # It says what the data is, not where it came from, so the tracked output (and its DVC
+        # hash) is the same from any mirror or the official release.
         (staged / VERIFIED_NAME).write_text(json.dumps(summary, indent=2) + "\n")
         _swap_in(staged, dest, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return {**summary, "skipped": False}
+    return {"source": base, **summary, "skipped": False}
 
 
 def download_stage(data: DataConfig, dest: Path) -> dict[str, Any]:
@@ -394,8 +397,10 @@ def download_stage(data: DataConfig, dest: Path) -> dict[str, Any]:
     from mamlops import miniimagenet
 
     summary = fetch_omniglot(dest, resolve_mirror(data.mirror))
-    state = "kept (already verified)" if summary["skipped"] else "downloaded and verified"
-    print(f"omniglot: {state} at {dest} from {summary['source']}")
+    if summary["skipped"]:
+        print(f"omniglot: kept (already verified) at {dest}")
+    else:
+        print(f"omniglot: downloaded and verified at {dest} from {summary['source']}")
     for name, counts in summary["counts"].items():
         print(
             f"  {name}: {counts['characters']} characters, {counts['images']} images, "
