@@ -141,7 +141,6 @@ def register_if_best(
     what ``models:/NAME@ALIAS`` serves."""
     uri = tracking.tracking_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    previous = None
     try:
         champion = client.get_model_version_by_alias(model_name, alias)
         previous = (champion.version, float(champion.tags.get(BETTER_TAG, "nan")))
