@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data/omniglot/images_background.zip),)
 export MAMLOPS_DATA_MIRROR ?= $(abspath ../shared/data/omniglot)
 endif
 
-.PHONY: install run test lint format bench report paper-omniglot
+.PHONY: install run test lint format bench report paper-omniglot plots screenshots mlflow-ui
 
 $(BIN)/mamlops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,12 @@ test: install
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check src pipeline tests benchmarks
-	$(BIN)/ruff format --check src pipeline tests benchmarks
+	$(BIN)/ruff check src pipeline tests benchmarks scripts
+	$(BIN)/ruff format --check src pipeline tests benchmarks scripts
 
 format: install
-	$(BIN)/ruff format src pipeline tests benchmarks
-	$(BIN)/ruff check --fix src pipeline tests benchmarks
+	$(BIN)/ruff format src pipeline tests benchmarks scripts
+	$(BIN)/ruff check --fix src pipeline tests benchmarks scripts
 
 # Speed measurements (not tests): meta-training vs a plain loop and `higher`, the task sampler,
 # and ONNX serving. Numbers go to docs/performance.md.
@@ -41,13 +41,34 @@ bench: install
 	$(BIN)/python benchmarks/bench_sampler.py
 	$(BIN)/python benchmarks/bench_serving.py
 
+# `dvc plots show` as a page that renders offline: DVC's page loads Vega from a CDN; this one
+# loads a local copy of the same versions (npm install once, into ~/.cache/mamlops/vega).
+plots: install
+	$(BIN)/python scripts/dvc_plots_offline.py
+
+# The MLflow UI on this project's store. MLflow 3.17 opens experiments in its GenAI view unless
+# the URL (or the sidebar's "Model training" switch, remembered per browser) says otherwise.
+mlflow-ui: install
+	@echo "open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# The README's pictures (docs/img/): the plots page and the MLflow UI in headless Chromium
+# (Debian's chromium and chromium-driver: apt-get install chromium chromium-driver).
+screenshots: install
+	$(BIN)/python scripts/screenshots.py
+
 # The README's results table, rebuilt from metrics/eval/*.json.
 report: install
 	$(BIN)/mamlops report --readme README.md
 
-# The MAML paper's Omniglot configs (60,000 iterations each: for a GPU), as DVC experiments:
-# `make paper-omniglot-5w1s` trains one, `make paper-omniglot` all four.
+# The MAML paper's Omniglot configs (presets.yaml; 60,000 iterations each: for a GPU), as DVC
+# experiments named after them: `make paper-omniglot-5w1s` trains one, `make paper-omniglot`
+# all four, one after another. Each sets train.settings to that preset alone, so the targets
+# run in any order. ITERATIONS=N shortens a run (a try-out); EXP_ARGS adds `dvc exp run` args.
 PAPER_OMNIGLOT := paper-omniglot-5w1s paper-omniglot-5w5s paper-omniglot-20w1s paper-omniglot-20w5s
+ITERATIONS ?=
+EXP_ARGS ?=
 paper-omniglot: $(PAPER_OMNIGLOT)
 paper-omniglot-%: install
-	$(BIN)/dvc exp run -n $@ -S '~train.settings.omniglot-5w1s' -S '+train.settings.$@=omniglot'
+	$(BIN)/dvc exp run -n $@ -S 'train.settings={$@: omniglot}' \
+	  $(if $(ITERATIONS),-S 'presets.yaml:$@.iterations=$(ITERATIONS)') $(EXP_ARGS)

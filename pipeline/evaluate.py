@@ -1,8 +1,8 @@
 """DVC stage ``evaluate@<setting>``: the trained theta on the 600 fixed test episodes.
 
-python pipeline/evaluate.py SETTING PREPARED MODEL_DIR METRICS STEPS_CSV EPISODES_PNG
+python pipeline/evaluate.py SETTING PREPARED MODEL_DIR METRICS RESULTS STEPS_CSV EPISODES_PNG
 (dvc.yaml: data/prepared/<dataset>, models/<setting>, metrics/eval/<setting>.json,
-plots/eval/<setting>_steps.csv, plots/episodes/<setting>.png)
+results/<setting>.json, plots/eval/<setting>.csv, plots/episodes/<setting>.png)
 """
 
 from pathlib import Path
@@ -14,7 +14,7 @@ from mamlops.malloc import keep_freed_memory
 
 if __name__ == "__main__":
     setting, *paths = stage_args(
-        "SETTING", "PREPARED", "MODEL_DIR", "METRICS", "STEPS_CSV", "EPISODES_PNG"
+        "SETTING", "PREPARED", "MODEL_DIR", "METRICS", "RESULTS", "STEPS_CSV", "EPISODES_PNG"
     )
     keep_freed_memory()  # process-wide, no effect on results (malloc.py)
     with reported("evaluate"):

@@ -1,8 +1,8 @@
-"""DVC stage ``train@<setting>``: meta-train one preset of params.yaml, tracked in MLflow.
+"""DVC stage ``train@<setting>``: meta-train one preset (presets.yaml), tracked in MLflow.
 
-python pipeline/train.py SETTING PREPARED MODEL_DIR CHECKPOINT_DIR METRICS PLOT
-(dvc.yaml: data/prepared/<dataset>, models/<setting>, checkpoints/<setting>,
-metrics/train/<setting>.json, plots/train/<setting>.tsv)
+python pipeline/train.py SETTING PREPARED MODEL_DIR CHECKPOINT_DIR METRICS TRAIN_TSV VAL_TSV
+CURVES_PNG (dvc.yaml: data/prepared/<dataset>, models/<setting>, checkpoints/<setting>,
+metrics/train/<setting>.json, plots/{train,val}/<setting>.tsv, plots/curves/<setting>.png)
 """
 
 from pathlib import Path
@@ -14,7 +14,14 @@ from mamlops.train import train_stage
 
 if __name__ == "__main__":
     setting, *paths = stage_args(
-        "SETTING", "PREPARED", "MODEL_DIR", "CHECKPOINT_DIR", "METRICS", "PLOT"
+        "SETTING",
+        "PREPARED",
+        "MODEL_DIR",
+        "CHECKPOINT_DIR",
+        "METRICS",
+        "TRAIN_TSV",
+        "VAL_TSV",
+        "CURVES_PNG",
     )
     keep_freed_memory()  # process-wide, no effect on results (malloc.py)
     with reported("train"):

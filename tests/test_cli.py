@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -88,15 +91,19 @@ def test_params_option_is_read(tmp_path, monkeypatch) -> None:
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow  # the evaluation runs all 600 test episodes (about 25 s on 2 busy cores)
 def test_train_with_another_params_file(omniglot_prepared: Path, tmp_path, monkeypatch) -> None:
-    """A preset that exists only in FILE trains, through the same library call as the stage."""
+    """A preset that exists only in FILE trains, through the same library call as the stage,
+    and `evaluate --json` scores it (0 test-time steps: the forward passes alone)."""
     tiny = {
         "dataset": "omniglot", "ways": 5, "shots": 1, "query": 2, "meta_batch": 2,
         "inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 1, "meta_lr": 0.001,
         "iterations": 4, "val_every": 2, "val_episodes": 2, "checkpoint_every": 2,
         "log_every": 2, "device": "cpu",
     }  # fmt: skip
-    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"train": {"presets": {"only-here": tiny}}}))
+    evaluate = {"checkpoint": "best", "steps": 0, "batch": 25, "grid_episodes": 1}
+    mine = {"train": {"presets": {"only-here": tiny}}, "evaluate": evaluate}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine))
     (tmp_path / "data" / "prepared").mkdir(parents=True)
     (tmp_path / "data" / "prepared" / "omniglot").symlink_to(omniglot_prepared)
     monkeypatch.chdir(tmp_path)
@@ -104,10 +111,20 @@ def test_train_with_another_params_file(omniglot_prepared: Path, tmp_path, monke
     result = runner.invoke(app, ["train", "only-here", "--params", "mine.yaml"])
     assert result.exit_code == 0, result.output
     metrics = yaml.safe_load((tmp_path / "metrics" / "train" / "only-here.json").read_text())
-    assert metrics["iterations"] == 4 and 0.0 <= metrics["best_val_acc"] <= 1.0
+    assert 0 <= metrics["best_step"] <= 4 and 0.0 <= metrics["best_val_acc"] <= 1.0
     assert (tmp_path / "models" / "only-here" / "theta_best.safetensors").is_file()
     missing = runner.invoke(app, ["train", "only-here"])  # no ./params.yaml: said so, one line
     _one_line_error(missing, "params.yaml", "--params")
+
+    # `evaluate --json`: the stage's metrics, alone on stdout (its summary line goes to stderr)
+    result = runner.invoke(app, ["evaluate", "only-here", "--params", "mine.yaml", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["setting"] == "only-here"
+    for key in ("acc_transductive", "acc_support"):
+        assert 0.0 <= out[key] <= 1.0 and out[key.replace("acc", "ci95")] >= 0.0
+    written = json.loads((tmp_path / "metrics" / "eval" / "only-here.json").read_text())
+    assert {k: out[k] for k in written} == written
 
 
 # ------------------------------------------------------------------------ predict --top-k
@@ -123,10 +140,18 @@ def exported(tmp_path_factory) -> dict:
     clf.save(root / "clf.safetensors")
     export_onnx(clf, root / "clf.onnx")
     images = []
-    for i, png in enumerate(queries[:3]):
+    for i, png in enumerate(queries):
         images.append(root / f"q{i}.png")
         images[-1].write_bytes(png)
-    return {"safetensors": root / "clf.safetensors", "onnx": root / "clf.onnx", "images": images}
+    per_class = len(queries) // len(clf.labels)  # build_classifier: queries grouped by class
+    return {
+        "safetensors": root / "clf.safetensors",
+        "onnx": root / "clf.onnx",
+        "images": images[:3],
+        "all_images": images,
+        "truth": [clf.labels[i // per_class] for i in range(len(queries))],
+        "labels": clf.labels,
+    }
 
 
 def _ranked(output: str) -> list[list[tuple[str, float]]]:
@@ -183,3 +208,194 @@ def test_register_unreachable_store_is_one_line(exported: dict, monkeypatch) -> 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     result = runner.invoke(app, ["register", str(exported["onnx"])])
     _one_line_error(result, url, "MLFLOW_TRACKING_URI")
+
+
+# ------------------------------------------------------------------------ one-line errors
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["serve"], ["mamlops serve", "Missing argument 'model'", "--help"]),
+        (["register"], ["mamlops register", "Missing argument 'onnx_model'"]),
+        (["predict"], ["mamlops predict", "Missing argument"]),
+        (["train"], ["mamlops train", "Missing argument 'setting'"]),
+        (["--bogus"], ["No such option: --bogus"]),
+        (["predict", "x.onnx", "a.png", "--top-k", "0"], ["--top-k"]),
+        (["serve", "m.onnx", "--port", "abc"], ["--port"]),
+    ],
+)
+def test_usage_errors_are_one_line(args: list[str], names: list[str]) -> None:
+    """typer's usage errors: one line and exit 1, like every other user error."""
+    _one_line_error(runner.invoke(app, args, prog_name="mamlops"), *names)
+
+
+def test_bare_command_shows_help() -> None:
+    result = runner.invoke(app, [])
+    assert result.exit_code == 2  # typer's usual status for help instead of a command
+    assert "Usage" in result.output and "predict" in result.output
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"mamlops {importlib.metadata.version('mamlops')}"
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["serve"], ["Missing argument 'model'"]),
+        (["register"], ["Missing argument 'onnx_model'"]),
+        (["train", "omniglot-5w1z"], ["'omniglot-5w1z'", "did you mean 'omniglot-5w1s'"]),
+        (["predict", "x.onnx", "README.md"], ["x.onnx", "not found"]),
+    ],
+)
+def test_entry_point_errors_are_one_line(args: list[str], names: list[str]) -> None:
+    """The installed `mamlops` script, in the repository (its params.yaml and presets): one line
+    on stderr, nothing on stdout, exit status 1."""
+    mamlops = Path(sys.executable).parent / "mamlops"
+    proc = subprocess.run(
+        [str(mamlops), *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0], lines
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+
+
+def test_unknown_preset_names_the_known_ones(tmp_path) -> None:
+    presets = {name: {"dataset": "omniglot"} for name in ("omniglot-5w1s", "omniglot-20w5s")}
+    params = tmp_path / "mine.yaml"
+    params.write_text(yaml.safe_dump({"train": {"presets": presets}}))
+    typo = runner.invoke(app, ["train", "omniglot-20w5", "--params", str(params)])
+    _one_line_error(typo, "'omniglot-20w5'", "did you mean 'omniglot-20w5s'")
+    unknown = runner.invoke(app, ["train", "nonexist-preset", "--params", str(params)])
+    _one_line_error(unknown, "'nonexist-preset'", "omniglot-5w1s", "omniglot-20w5s")
+    assert "did you mean" not in unknown.output
+
+
+@pytest.mark.timeout(60)
+def test_serve_errors_are_one_line(exported: dict, tmp_path) -> None:
+    """Nothing is served: each mistake is caught before uvicorn starts."""
+    onnx = str(exported["onnx"])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = runner.invoke(app, ["serve", onnx, "--port", str(port)])
+    _one_line_error(taken, f"127.0.0.1:{port}", "another --port")
+    _one_line_error(runner.invoke(app, ["serve", onnx, "--port", "70000"]), "70000", "--port")
+    _one_line_error(runner.invoke(app, ["serve", str(tmp_path)]), "no .onnx files")
+    _one_line_error(runner.invoke(app, ["serve", onnx, "--max-upload-mb", "0"]), "--max-upload-mb")
+
+
+def test_predict_missing_image_is_one_line(exported: dict, tmp_path) -> None:
+    for kind in ("safetensors", "onnx"):
+        result = runner.invoke(app, ["predict", str(exported[kind]), str(tmp_path / "no.png")])
+        _one_line_error(result, "no.png", "no such file")
+        result = runner.invoke(app, ["predict", str(exported[kind]), str(tmp_path)])
+        _one_line_error(result, str(tmp_path), "not a file")
+
+
+def test_evaluate_folder_on_onnx_is_one_line(exported: dict, tmp_path) -> None:
+    result = runner.invoke(app, ["evaluate-folder", str(exported["onnx"]), str(tmp_path)])
+    _one_line_error(result, "clf.onnx", ".safetensors")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "phrase"),
+    [("--alias", "bad alias!", "Invalid alias name"), ("--alias", "v3", "reserved"),
+     ("--name", "a/b", "Invalid model name")],
+)  # fmt: skip
+def test_register_bad_names_are_one_line(exported: dict, option, value, phrase) -> None:
+    result = runner.invoke(app, ["register", str(exported["onnx"]), option, value])
+    _one_line_error(result, f"{option} {value!r}", phrase)
+
+
+@pytest.mark.parametrize("uri", ["bogus://store", "/no/such/folder/mlruns"])
+def test_register_unusable_store_is_one_line(exported: dict, monkeypatch, uri: str) -> None:
+    """An unsupported URI, or MLflow's retired file store: MLflow raises before any request."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = runner.invoke(app, ["register", str(exported["onnx"])])
+    _one_line_error(result, uri, "MLFLOW_TRACKING_URI")
+
+
+# ------------------------------------------------------------------------ --json
+
+
+def test_predict_json(exported: dict) -> None:
+    """Both kinds of model: every image, its best label, all probabilities, the top k; the
+    same labels from PyTorch and onnxruntime; JSON alone on stdout."""
+    args = [str(p) for p in exported["images"]]
+    answers = {}
+    for kind in ("safetensors", "onnx"):
+        result = runner.invoke(
+            app, ["predict", str(exported[kind]), *args, "--top-k", "2", "--json"]
+        )
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.stdout)
+        assert out["model"] == str(exported[kind])
+        assert [p["image"] for p in out["predictions"]] == args
+        for p in out["predictions"]:
+            probs = p["probabilities"]
+            assert list(probs) == exported["labels"]
+            assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+            ranked = sorted(probs, key=probs.get, reverse=True)
+            assert [t["label"] for t in p["top_k"]] == ranked[:2]
+            assert p["label"] == ranked[0] and p["probability"] == probs[ranked[0]]
+        answers[kind] = out["predictions"]
+    for a, b in zip(answers["safetensors"], answers["onnx"], strict=True):
+        assert a["label"] == b["label"]
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+
+
+def test_evaluate_folder_json(exported: dict, tmp_path) -> None:
+    """The per-class report, checked against `predict --json` on the same images."""
+    query, files = tmp_path / "query", []
+    for path, label in zip(exported["all_images"], exported["truth"], strict=True):
+        files.append(query / label / path.name)
+        files[-1].parent.mkdir(parents=True, exist_ok=True)
+        files[-1].write_bytes(path.read_bytes())
+    clf = str(exported["safetensors"])
+    result = runner.invoke(app, ["evaluate-folder", clf, str(query), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["classifier"] == clf and out["n"] == len(exported["truth"])
+    assert set(out["per_class"]) == set(exported["labels"])
+    assert sum(row["n"] for row in out["per_class"].values()) == out["n"]
+    assert out["accuracy"] == pytest.approx(out["correct"] / out["n"])
+
+    pred = runner.invoke(app, ["predict", clf, *map(str, files), "--json"])
+    labels = [p["label"] for p in json.loads(pred.stdout)["predictions"]]
+    hits = [guess == truth for guess, truth in zip(labels, exported["truth"], strict=True)]
+    assert out["correct"] == sum(hits)
+    for label, row in out["per_class"].items():
+        mine = [hit for hit, truth in zip(hits, exported["truth"], strict=True) if truth == label]
+        assert (row["n"], row["correct"]) == (len(mine), sum(mine))
+
+
+@pytest.mark.timeout(180)
+def test_register_json(exported: dict, tmp_path, monkeypatch) -> None:
+    """A real SQLite store: the JSON names the version the registry holds under the alias."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the run's artifacts land beside the store
+    args = ["register", str(exported["onnx"]), "--name", "cli-json", "--alias", "prod", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert {k: out[k] for k in ("name", "version", "alias", "model_uri")} == {
+        "name": "cli-json",
+        "version": 1,
+        "alias": "prod",
+        "model_uri": "models:/cli-json@prod",
+    }
+    held = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
+        "cli-json", "prod"
+    )
+    assert str(held.version) == "1" and held.run_id == out["run_id"]

@@ -102,26 +102,6 @@ def test_command_lines_use_the_cli_paths() -> None:
     lay, s, d = Layout(), "my-setting", "omniglot"
     assert _cmd_args("download", s, d) == [str(lay.raw_omniglot)]
     assert _cmd_args("prepare", s, d) == [d, str(lay.raw_omniglot), str(lay.prepared(d))]
-    assert _cmd_args("train", s, d) == [
-        s,
-        str(lay.prepared(d)),
-        str(lay.model_dir(s)),
-        str(lay.checkpoint_dir(s)),
-        str(lay.metrics("train", s)),
-        str(lay.train_plot(s)),
-    ]
-    assert _cmd_args("evaluate", s, d) == [
-        s,
-        str(lay.prepared(d)),
-        str(lay.model_dir(s)),
-        str(lay.metrics("eval", s)),
-        str(lay.eval_steps_plot(s)),
-        str(lay.episodes_plot(s)),
-    ]
-    assert _cmd_args("export", s, d) == [
-        s,
-        str(lay.prepared(d)),
-        str(lay.model_dir(s)),
-        str(lay.metrics("eval", s)),
-        str(lay.metrics("export", s)),
-    ]
+    assert _cmd_args("train", s, d) == [s, *map(str, lay.train_paths(s, d))]
+    assert _cmd_args("evaluate", s, d) == [s, *map(str, lay.evaluate_paths(s, d))]
+    assert _cmd_args("export", s, d) == [s, *map(str, lay.export_paths(s, d))]

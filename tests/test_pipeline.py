@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -67,9 +66,12 @@ def pipeline_env() -> dict[str, str]:
 def repo(tmp_path_factory: pytest.TempPathFactory, pipeline_env: dict[str, str]) -> Path:
     """A fresh copy after `dvc repro` with a tiny training budget."""
     root = fresh_copy(tmp_path_factory.mktemp("clone"))
-    params_path = root / "params.yaml"
-    params = yaml.safe_load(params_path.read_text())
-    params["train"]["presets"][SETTING].update(
+    params_path, presets_path = root / "params.yaml", root / "presets.yaml"
+    params, presets = (
+        yaml.safe_load(params_path.read_text()),
+        yaml.safe_load(presets_path.read_text()),
+    )
+    presets[SETTING].update(
         iterations=20,
         meta_batch=4,
         query=5,
@@ -80,6 +82,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory, pipeline_env: dict[str, str])
     )
     params["evaluate"]["steps"] = 3  # 600 episodes x 3 steps keeps the suite short
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    presets_path.write_text(yaml.safe_dump(presets, sort_keys=False))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "commit", "-qam", "tiny budget"], cwd=root, check=True)
     _run(["dvc", "repro"], root, pipeline_env)
     return root
 
@@ -95,40 +100,95 @@ def test_prepare_outputs(repo: Path) -> None:
 def test_status_clean_after_repro(repo: Path, pipeline_env: dict[str, str]) -> None:
     out = _run(["dvc", "status"], repo, pipeline_env)
     assert "up to date" in out, out
+    # git sees only what the run is meant to update: dvc.lock and the git-tracked
+    # metrics, plots and results (README.md and the rest untouched; data, models,
+    # checkpoints, the MLflow store and its artifacts ignored)
+    changed = _run(["git", "status", "--porcelain", "-uall"], repo, pipeline_env).splitlines()
+    paths = [line[3:] for line in changed]
+    allowed = ("dvc.lock", "metrics/", "plots/", "results/")
+    assert paths and all(p.startswith(allowed) for p in paths), paths
 
 
 def test_train_metrics_and_plots(repo: Path, pipeline_env: dict[str, str]) -> None:
-    metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, pipeline_env))
-    flat = json.dumps(metrics)
-    assert "best_val_acc" in flat
     train_metrics = json.loads((repo / "metrics" / "train" / f"{SETTING}.json").read_text())
-    assert train_metrics["iterations"] == 20
     assert 0.2 < train_metrics["best_val_acc"] <= 1.0  # 5-way: chance is 0.2
+    assert train_metrics["best_step"] in (10, 20)
     assert (repo / "models" / SETTING / "theta.safetensors").is_file()
+    # validation points in their own file, one row per check: nothing drawn as a blank/0
+    val = (repo / "plots" / "val" / f"{SETTING}.tsv").read_text().split()
+    assert val[:2] == ["step", "val_acc"] and val[2::2] == ["10", "20"]
+    plots = json.loads(_run(["dvc", "plots", "show", "--json"], repo, pipeline_env))
+    assert not plots.get("errors"), plots.get("errors")
+    charts = plots["data"]
+    # every chart once: the five files of dvc.yaml's top-level plots, nothing else
+    assert sorted(charts) == sorted(
+        f"plots/{kind}/{SETTING}.{ext}"
+        for kind, ext in (("train", "tsv"), ("val", "tsv"), ("eval", "csv"))
+        + (("curves", "png"), ("episodes", "png"))
+    )
+    for name, (chart,) in charts.items():
+        if chart["type"] != "vega":
+            continue
+        spec = chart["content"]
+        assert spec["title"]["text"], name
+        assert spec["encoding"]["x"]["field"] == "step" and spec["encoding"]["x"]["title"] != "x"
+        y_title = spec["layer"][0]["encoding"]["y"]["title"]
+        assert y_title not in ("y", ""), name
     _run(["dvc", "plots", "show", "-o", "dvc_plots"], repo, pipeline_env)
     assert (repo / "dvc_plots" / "index.html").is_file()
 
 
+def test_metrics_are_numbers_only(repo: Path, pipeline_env: dict[str, str]) -> None:
+    """`dvc metrics show/diff` is a readable table: no strings or dicts in metrics files, and
+    each number visible at DVC's default precision (5 decimals)."""
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, pipeline_env))
+    files = shown[""]["data"] if "" in shown else next(iter(shown.values()))["data"]
+    values = {k: v for f in files.values() for k, v in f["data"].items()}
+    assert len(files) == 3 and len(values) <= 12, sorted(values)
+    for key, value in values.items():
+        assert isinstance(value, int | float) and not isinstance(value, bool), key
+    assert values["parity_ppm"] < 10  # |ORT - torch| < 1e-5
+    results = json.loads((repo / "results" / f"{SETTING}.json").read_text())
+    assert results["dataset"] == "omniglot" and results["episodes"] == 600
+    assert results["hardware"].startswith(("CPU", "GPU"))
+
+
 def test_mlflow_run_recorded(repo: Path) -> None:
+    from mlflow import MlflowClient
+
     db = repo / "mlflow.db"
     assert db.is_file(), "the default store is sqlite:///<repo root>/mlflow.db"
-    con = sqlite3.connect(db)
-    try:
-        runs = con.execute("select run_uuid, status, name from runs").fetchall()
-        train_runs = [r for r in runs if r[2] == f"train-{SETTING}"]
-        assert train_runs and train_runs[0][1] == "FINISHED"
-        run_id = train_runs[0][0]
-        params = dict(con.execute("select key, value from params where run_uuid=?", (run_id,)))
-        assert params["ways"] == "5" and params["inner_lr"] == "0.4"
-        keys = {k for (k,) in con.execute("select key from metrics where run_uuid=?", (run_id,))}
-        assert {"loss", "train_acc", "val_acc", "tasks_per_s"} <= keys
-        tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_id,)))
-        assert tags["dvc.stage"] == f"train@{SETTING}"
-        assert len(tags["mlflow.source.git.commit"]) == 40
-        # 5-way 1-shot with 5 query/class is 30 images per task: past the CPU batched limit
-        assert tags["mamlops.strategy"] == "loop"
-    finally:
-        con.close()
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("mamlops")
+    # artifacts beside the store, not in ./mlruns of whichever folder created the experiment
+    assert exp.artifact_location == (repo / "mlartifacts").as_uri()
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id], f"tags.`dvc.stage` = 'train@{SETTING}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.info.run_name.startswith(f"{SETTING} ")
+    assert run.data.params["train.ways"] == "5" and run.data.params["train.inner_lr"] == "0.4"
+    assert {"train/loss", "train/acc", "val/acc", "train/tasks_per_s"} <= set(run.data.metrics)
+    assert not {k for k in run.data.metrics if "/" not in k}, "every metric key has a prefix"
+    tags = run.data.tags
+    assert tags["dvc.stage"] == f"train@{SETTING}" and len(tags["mlflow.source.git.commit"]) == 40
+    assert tags["mlflow.note.content"].startswith(f"Meta-training {SETTING}")
+    # 5-way 1-shot with 5 query/class is 30 images per task: past the CPU batched limit
+    assert tags["mamlops.strategy"] == "loop"
+    (dataset,) = run.inputs.dataset_inputs
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    (out,) = lock["stages"]["prepare@omniglot"]["outs"]
+    assert dataset.dataset.digest == out["md5"].removesuffix(".dir")
+    # evaluate and export are child runs of the training run, each with its own status
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+    )
+    stages = {c.data.tags["dvc.stage"]: c for c in children}
+    assert set(stages) == {f"evaluate@{SETTING}", f"export@{SETTING}"}
+    assert all(c.info.status == "FINISHED" for c in children)
+    ev = stages[f"evaluate@{SETTING}"].data
+    assert 0.2 < ev.metrics["eval/acc_transductive"] <= 1 and ev.params["evaluate.steps"] == "3"
+    assert not {k for k in ev.metrics if not k.startswith("eval/")}
 
 
 def test_repo_root_sees_through_dvc_experiment_copies(
@@ -143,19 +203,19 @@ def test_repo_root_sees_through_dvc_experiment_copies(
 
 def test_evaluate_metrics(repo: Path, pipeline_env: dict[str, str]) -> None:
     ev = json.loads((repo / "metrics" / "eval" / f"{SETTING}.json").read_text())
-    assert ev["n"] == 600 and ev["steps"] == 3
     for protocol in ("transductive", "support"):
         assert 0.2 < ev[f"acc_{protocol}"] <= 1.0
         assert 0.0 < ev[f"ci95_{protocol}"] < 0.05
     shown = _run(["dvc", "metrics", "show"], repo, pipeline_env)
     assert "acc_transductive" in shown and "ci95_support" in shown
-    steps_csv = (repo / "plots" / "eval" / f"{SETTING}_steps.csv").read_text().splitlines()
+    steps_csv = (repo / "plots" / "eval" / f"{SETTING}.csv").read_text().splitlines()
     assert steps_csv[0].split(",")[:3] == ["step", "acc_transductive", "acc_support"]
     assert len(steps_csv) == 1 + 4  # steps 0..3
     assert (repo / "plots" / "episodes" / f"{SETTING}.png").stat().st_size > 1000
 
 
 def test_export_onnx_and_registry(repo: Path) -> None:
+    import mlflow
     import onnx
     from mlflow import MlflowClient
 
@@ -165,11 +225,19 @@ def test_export_onnx_and_registry(repo: Path) -> None:
     meta = {p.key: p.value for p in model.metadata_props}
     assert len(json.loads(meta["labels"])) == 5
     ex = json.loads((repo / "metrics" / "export" / f"{SETTING}.json").read_text())
-    assert ex["parity_max_abs_diff"] < 1e-5
-    assert ex["registry"]["alias_on"] == ex["registry"]["version"] == 1
+    assert ex["parity_ppm"] < 10
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     version = client.get_model_version_by_alias(f"mamlops-{SETTING}", "champion")
     assert str(version.version) == "1"
+    # a named signature: the ONNX input, and label/probability columns out
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    try:
+        info = mlflow.models.get_model_info(f"models:/mamlops-{SETTING}@champion")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert [spec.name for spec in info.signature.inputs.inputs] == ["x"]
+    assert [spec.name for spec in info.signature.outputs.inputs][:2] == ["label", "probability"]
 
 
 def query_images(repo: Path, labels: list[str], dest: Path, per_class: int = 3) -> list[Path]:
@@ -315,27 +383,96 @@ def test_mlflow_models_serve_answers_for_the_champion(repo: Path, tmp_path: Path
     with mlflow_models_serve(f"models:/mamlops-{SETTING}@champion", uri) as url:
         resp = httpx.post(f"{url}/invocations", json={"inputs": x.tolist()}, timeout=60)
     assert resp.status_code == 200, resp.text
-    got = np.array(resp.json()["predictions"]["probabilities"], dtype=np.float32)
-    np.testing.assert_allclose(got, local.predict_array(x), atol=1e-6, rtol=0)
-    truth = np.repeat(np.arange(len(labels)), 3)
-    assert (got.argmax(1) == truth).mean() > 0.2
+    rows = resp.json()["predictions"]  # one row per image: label, probability, p:<label>
+    got = np.array([[r[f"p:{label}"] for label in labels] for r in rows], dtype=np.float32)
+    want = local.predict_array(x)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    assert [r["label"] for r in rows] == [labels[i] for i in want.argmax(1)]
+    truth = [label for label in labels for _ in range(3)]
+    assert np.mean([r["label"] == t for r, t in zip(rows, truth, strict=True)]) > 0.2
 
 
-@pytest.mark.timeout(600)
-def test_exp_run_after_a_finished_run(repo: Path, pipeline_env: dict[str, str]) -> None:
-    """The README's next step after `dvc repro`: change a param as a DVC experiment. The
-    persisted checkpoint of the finished run must not block it (it used to fail at once with
-    'written with other train params'): the new params train from scratch. Runs last here: it
-    changes the workspace that the tests above read."""
+def _wait_for_queue(repo: Path, env: dict[str, str], timeout: float = 600) -> str:
+    """`dvc queue start` returns at once; poll `dvc queue status` until nothing is left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _run(["dvc", "queue", "status"], repo, env)
+        if not any(w in status for w in ("Queued", "Running")):
+            return status
+        assert time.monotonic() < deadline, f"queue still busy after {timeout} s:\n{status}"
+        time.sleep(5)
+
+
+@pytest.mark.timeout(900)
+def test_the_experiment_loop(repo: Path, pipeline_env: dict[str, str]) -> None:
+    """What a user does after `dvc repro`, as the README says it: change a param as a workspace
+    experiment, queue two variants and run the queue, compare them with `dvc exp show
+    --only-changed` and `dvc metrics diff`, and run a paper preset through its make target.
+    The persisted checkpoint of the finished run must not block any of it (it used to fail at
+    once with 'written with other train params'). Runs last here: it changes the workspace."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)  # what the README says to do
+    subprocess.run([*git, "commit", "-qm", "the tiny run's results"], cwd=repo, check=True)
     out = _run(
         # evaluate.steps=1 only keeps the suite short
-        ["dvc", "exp", "run", "-n", "mb2", "-S", f"train.presets.{SETTING}.meta_batch=2"]
+        ["dvc", "exp", "run", "-n", "mb2", "-S", f"presets.yaml:{SETTING}.meta_batch=2"]
         + ["-S", "evaluate.steps=1"],
         repo,
         pipeline_env,
     )
     assert "other train params: starting from scratch" in out
-    train = json.loads((repo / "metrics" / "train" / f"{SETTING}.json").read_text())
-    assert train["iterations"] == 20 and train["resumed_from"] == 0
-    shown = _run(["dvc", "exp", "show", "--json"], repo, pipeline_env)
-    assert '"mb2"' in shown and '"meta_batch": 2' in shown
+    assert json.loads((repo / "metrics" / "train" / f"{SETTING}.json").read_text())
+
+    for name, lr in (("lr-a", 0.2), ("lr-b", 0.3)):
+        _run(
+            ["dvc", "exp", "run", "--queue", "-n", name]
+            + ["-S", f"presets.yaml:{SETTING}.inner_lr={lr}", "-S", "evaluate.steps=1"],
+            repo,
+            pipeline_env,
+        )
+    _run(["dvc", "queue", "start", "-j", "1"], repo, pipeline_env)
+    status = _wait_for_queue(repo, pipeline_env)
+    assert "Failed" not in status, status
+    assert status.count("Success") >= 2, status
+
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, pipeline_env))
+    exps = {
+        e["name"]: e["revs"][0]["data"]
+        for rev in shown
+        for e in (rev.get("experiments") or [])
+        if e.get("name")
+    }
+    assert {"mb2", "lr-a", "lr-b"} <= set(exps), sorted(exps)
+    for name, lr in (("lr-a", 0.2), ("lr-b", 0.3)):
+        data = exps[name]
+        assert data["params"]["presets.yaml"]["data"][SETTING]["inner_lr"] == lr
+        acc = data["metrics"][f"metrics/eval/{SETTING}.json"]["data"]["acc_support"]
+        assert 0.2 < acc <= 1.0
+    # the queued runs logged to the repo's store (not a throwaway copy), named after the exp
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("mamlops").experiment_id
+    names = {r.info.run_name for r in client.search_runs([exp_id], max_results=200)}
+    assert {f"{SETTING} lr-a", f"{SETTING} lr-b", f"{SETTING} mb2"} <= names, names
+
+    # readable: the params that differ and the metrics, no dependency hashes, no strings
+    # (the README's compact view; plain --only-changed adds the hashes of outputs used as deps)
+    compact = ["--only-changed", "--drop", "Created|Executor|ci95_.*|models/|metrics/"]
+    table = _run(["dvc", "exp", "show", *compact, "--md"], repo, pipeline_env)
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert {"best_val_acc", "acc_support", f"{SETTING}.inner_lr"} <= set(header), header
+    assert len(header) <= 14 and not [c for c in header if "/" in c or "ci95" in c], header
+    assert "lr-a" in table and "lr-b" in table
+    diff = _run(["dvc", "metrics", "diff", "HEAD"], repo, pipeline_env)
+    assert "acc_support" in diff
+
+    # the paper preset's make target with a tiny budget (its workspace run replaces the
+    # settings `dvc repro` trains; the install step is the running venv's)
+    venv = Path(sys.executable).parent.parent
+    make = ["make", f"VENV={venv}", "-o", f"{venv}/bin/mamlops", "paper-omniglot-5w1s"]
+    _run(make + ["ITERATIONS=4", "EXP_ARGS=-S evaluate.steps=1"], repo, pipeline_env)
+    paper = json.loads((repo / "metrics" / "eval" / "paper-omniglot-5w1s.json").read_text())
+    assert 0.2 < paper["acc_support"] <= 1.0
+    results = json.loads((repo / "results" / "paper-omniglot-5w1s.json").read_text())
+    assert results["train_iterations"] == 4

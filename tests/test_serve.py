@@ -17,7 +17,7 @@ from PIL import Image
 
 from mamlops.export import export_onnx
 from mamlops.onnx_predict import OnnxClassifier
-from mamlops.serve import create_app
+from mamlops.serve import MAX_FILES, create_app
 
 LIMIT = 64 * 1024
 
@@ -131,13 +131,28 @@ def test_predict_matches_onnx_and_torch(setup) -> None:
         ("/models/gamma/predict", {"files": [("files", ("x.png", b"1"))]}, 404, "unknown model"),
         ("/predict", {"files": [("files", ("x.png", b"1"))]}, 400, "several models"),
         ("/predict?model=alpha&top_k=0", {"files": [("files", ("x.png", b"1"))]}, 400, "top_k"),
+        (
+            "/predict?model=alpha&top_k=abc",
+            {"files": [("files", ("x.png", b"1"))]},
+            422,
+            "query parameter top_k",
+        ),
+        (
+            "/predict?model=alpha",
+            {"files": [("files", (f"{i}.png", b"1")) for i in range(MAX_FILES + 1)]},
+            400,
+            f"Maximum number of files is {MAX_FILES}",
+        ),
+        ("/health", {"files": [("files", ("x.png", b"1"))]}, 405, "Method Not Allowed"),
     ],
 )
 def test_bad_requests_are_4xx_and_harmless(setup, path, kwargs, status, phrase) -> None:
     client = setup["client"]
     resp = client.post(path, **kwargs)
     assert resp.status_code == status, resp.text
-    assert phrase in resp.json()["detail"]
+    detail = resp.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail  # ErrorResponse: one line
+    assert phrase in detail
     assert client.get("/health").status_code == 200
 
 
@@ -150,6 +165,69 @@ def test_chunked_upload_past_limit(setup) -> None:
     resp = setup["client"].post("/predict?model=alpha", content=body(), headers=headers)
     assert resp.status_code == 413
     assert setup["client"].get("/health").status_code == 200
+
+
+def test_chunked_valid_form_past_limit(setup) -> None:
+    """A well-formed multipart body streamed in chunks (no Content-Length) past the limit gets
+    413 as well: the body is counted while it is read."""
+    head = b'--b\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n'
+
+    def body():
+        yield head
+        for _ in range(4 * LIMIT // 1024):
+            yield b"0" * 1024
+        yield b"\r\n--b--\r\n"
+
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    resp = setup["client"].post("/predict?model=alpha", content=body(), headers=headers)
+    assert resp.status_code == 413, resp.text
+    assert "exceeds the limit" in resp.json()["detail"]
+
+
+def test_metadata_round_trips_every_field(setup) -> None:
+    """The typed /metadata answer drops nothing the ONNX file's metadata holds."""
+    want = OnnxClassifier(setup["folder"] / "beta.onnx").metadata()
+    assert setup["client"].get("/models/beta/metadata").json() == want
+    listed = setup["client"].get("/models").json()
+    assert listed["default"] is None and listed["models"][1] == want
+
+
+def test_openapi_describes_uploads_and_answers(setup) -> None:
+    """/openapi.json (what /docs renders): /predict takes a list of binary file parts named
+    'files' (format binary, so Swagger UI offers file pickers), answers PredictResponse, and
+    types its error bodies."""
+    client = setup["client"]
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+
+    def deref(node: dict) -> dict:
+        return schemas[node["$ref"].rsplit("/", 1)[1]] if "$ref" in node else node
+
+    for path in ("/predict", "/models/{name}/predict"):
+        op = spec["paths"][path]["post"]
+        form = deref(op["requestBody"]["content"]["multipart/form-data"]["schema"])
+        assert form["required"] == ["files"]
+        files = form["properties"]["files"]
+        assert files["type"] == "array"
+        assert files["items"]["type"] == "string" and files["items"]["format"] == "binary"
+        ok = deref(op["responses"]["200"]["content"]["application/json"]["schema"])
+        assert ok["title"] == "PredictResponse"
+        assert set(ok["properties"]) == {"model", "model_sha256", "predictions"}
+        pred = deref(ok["properties"]["predictions"]["items"])
+        assert {"filename", "label", "probability", "probabilities", "top_k"} <= set(
+            pred["properties"]
+        )
+        for code in ("400", "404", "413", "415", "422"):
+            err = deref(op["responses"][code]["content"]["application/json"]["schema"])
+            assert (
+                err["title"] == "ErrorResponse" and err["properties"]["detail"]["type"] == "string"
+            )
+    health = spec["paths"]["/health"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert deref(health["schema"])["title"] == "Health"
+    meta = spec["paths"]["/metadata"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert deref(meta["schema"])["title"] == "ModelMetadata"
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
 
 def test_single_model_file_needs_no_model_name(setup) -> None:
@@ -177,6 +255,11 @@ def test_registry_and_mlflow_models_serve(setup, tmp_path: Path) -> None:
     with mlflow_models_serve("models:/mamlops-test@champion", uri) as url:
         resp = httpx.post(f"{url}/invocations", json={"inputs": x.tolist()}, timeout=30)
     assert resp.status_code == 200, resp.text
-    got = np.array(resp.json()["predictions"]["probabilities"], dtype=np.float32)
-    want = OnnxClassifier(setup["folder"] / "alpha.onnx").predict_array(x)
+    # the registered pyfunc (mlflow_model.py) answers one row per image: label, probability and
+    # a p:<label> column per class
+    rows = resp.json()["predictions"]
+    onnx_clf = OnnxClassifier(setup["folder"] / "alpha.onnx")
+    want = onnx_clf.predict_array(x)
+    got = np.array([[row[f"p:{label}"] for label in onnx_clf.labels] for row in rows])
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    assert [row["label"] for row in rows] == [onnx_clf.labels[i] for i in want.argmax(1)]

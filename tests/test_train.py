@@ -46,13 +46,15 @@ def tiny_cfg(**overrides) -> TrainConfig:
 
 
 def test_params_errors_name_the_key() -> None:
-    with pytest.raises(ParamsError, match="train.presets has no setting 'nope'"):
+    with pytest.raises(ParamsError, match="presets.yaml has no setting 'nope'"):
         TrainConfig.from_params(tiny_params(), "nope")
+    with pytest.raises(ParamsError, match="did you mean 'tiny'"):
+        TrainConfig.from_params(tiny_params(), "tinny")
     with pytest.raises(ParamsError, match=r"tiny\.ways must be a positive integer"):
         tiny_cfg(ways=0)
     with pytest.raises(ParamsError, match=r"tiny\.meta_lr must be a positive number"):
         tiny_cfg(meta_lr=-1.0)
-    with pytest.raises(ParamsError, match=r"unknown key\(s\) \['metabatch'\]"):
+    with pytest.raises(ParamsError, match=r"unknown key\(s\) \['metabatch'\].*meta_batch"):
         tiny_cfg(metabatch=3)
     with pytest.raises(ParamsError, match=r"tiny\.dataset must be one of"):
         tiny_cfg(dataset="cifar")
@@ -63,11 +65,13 @@ def test_params_errors_name_the_key() -> None:
 
 
 def test_repo_presets_are_valid(repo_params: dict) -> None:
-    for name in repo_params["train"]["presets"]:
+    presets = repo_params["presets.yaml"]
+    assert "presets" not in repo_params["train"], "presets live in presets.yaml"
+    for name in presets:
         cfg = TrainConfig.from_params(repo_params, name)
         assert cfg.name == name
     for name in repo_params["train"]["settings"]:
-        assert name in repo_params["train"]["presets"]
+        assert name in presets
 
 
 def test_same_seed_same_theta(omniglot_prepared: Path, tmp_path: Path) -> None:
@@ -98,13 +102,19 @@ def test_history_tsv_for_dvc_plots(omniglot_prepared: Path, tmp_path: Path) -> N
     result = train(
         tiny_cfg(iterations=6), omniglot_prepared, tmp_path, tmp_path / "ck", progress=False
     )
-    write_history(result.history, tmp_path / "h.tsv")
-    lines = (tmp_path / "h.tsv").read_text().splitlines()
-    assert lines[0].split("\t") == list(train_mod.HISTORY_COLUMNS)
-    rows = [dict(zip(lines[0].split("\t"), line.split("\t"), strict=True)) for line in lines[1:]]
-    assert [r["step"] for r in rows] == ["3", "6"]
-    assert rows[1]["val_acc"] != "" and 0.0 <= float(rows[1]["val_acc"]) <= 1.0
-    assert float(rows[0]["loss"]) > 0
+    write_history(result.history, tmp_path / "t.tsv", train_mod.TRAIN_COLUMNS)
+    write_history(result.history, tmp_path / "v.tsv", train_mod.VAL_COLUMNS)
+
+    def rows(name: str) -> list[dict[str, str]]:
+        head, *lines = (tmp_path / name).read_text().splitlines()
+        return [dict(zip(head.split("\t"), line.split("\t"), strict=True)) for line in lines]
+
+    assert (tmp_path / "t.tsv").read_text().split("\n")[0] == "step\tloss\ttrain_acc\tmeta_lr"
+    train_rows, val_rows = rows("t.tsv"), rows("v.tsv")
+    assert [r["step"] for r in train_rows] == ["3", "6"] and float(train_rows[0]["loss"]) > 0
+    # validation every 6 iterations: its own file, one row per check, no blank cells
+    assert [r["step"] for r in val_rows] == ["6"] and 0.0 <= float(val_rows[0]["val_acc"]) <= 1
+    assert all(v != "" for r in train_rows + val_rows for v in r.values())
 
 
 RUNNER = """

@@ -1,4 +1,4 @@
-"""Files a trained meta-model lives in: theta, the resumable checkpoint, the MLflow run id.
+"""Files a trained meta-model lives in: theta and the resumable checkpoint.
 
 Out of ``train.py`` so that evaluation, adaptation and serving read a model without importing
 the training loop.
@@ -9,7 +9,6 @@ the training loop.
 * ``checkpoint.pt``: theta, Adam's moments, the task sampler's RNG state and the step, for a
   bitwise resume. Read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
   dicts only, nothing is unpickled into code.
-* ``mlflow_run_id``: the training run that evaluation and export add to.
 
 Example::
 
@@ -26,12 +25,11 @@ import torch
 
 from mamlops.config import THETA_CHOICES, TrainConfig
 from mamlops.errors import UserError
-from mamlops.files import atomic_write, read_safetensors, write_safetensors, write_text
+from mamlops.files import atomic_write, read_safetensors, write_safetensors
 from mamlops.model import ConvNetConfig, Params
 
 CHECKPOINT = "checkpoint.pt"
 THETA_FILES = dict(zip(THETA_CHOICES, ("theta_best.safetensors", "theta.safetensors"), strict=True))
-RUN_ID_FILE = "mlflow_run_id"
 THETA_FORMAT = "mamlops-theta-1"
 
 
@@ -87,15 +85,3 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     if not Path(path).is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def write_run_id(model_dir: Path, run_id: str) -> Path:
-    return write_text(Path(model_dir) / RUN_ID_FILE, run_id + "\n")
-
-
-def read_run_id(model_dir: Path) -> str | None:
-    """The MLflow run that trained the model in ``model_dir``, if recorded."""
-    path = Path(model_dir) / RUN_ID_FILE
-    if not path.is_file():
-        return None
-    return path.read_text().strip() or None

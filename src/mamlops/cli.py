@@ -6,21 +6,107 @@ paths (``config.Layout``, relative to the current folder): ``mamlops train omnig
 ``dvc repro train@omniglot-5w1s`` read and write the same files. Nothing here needs a checkout.
 
 Imports happen inside each command: ``mamlops predict model.onnx`` and ``mamlops serve`` run on
-onnxruntime alone and must not pay for (or require) torch. Bad input ends in a one-line message
-and exit status 1 (``errors.reported``).
+the ``serve`` extra alone (onnxruntime, no torch, DVC or MLflow), and a command whose extra is
+not installed says which one to install. Every mistake a user can make ends in one line on
+stderr and exit status 1: bad input (``errors.reported``) and bad usage (a missing argument, a
+mistyped option) alike. ``--json`` prints a command's result as JSON, alone on stdout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
-from mamlops.errors import reported
+import mamlops
+from mamlops.errors import UserError, reported
+
+# the extra that provides each optional top-level module (pyproject.toml), for the hint a
+# command gives when run in an install without it
+PIPELINE_MODULES = "torch torchvision yaml dvc mlflow onnx onnxscript safetensors matplotlib"
+SERVE_MODULES = "onnxruntime fastapi starlette pydantic uvicorn multipart python_multipart"
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(PIPELINE_MODULES.split(), "pipeline"),
+    **dict.fromkeys(SERVE_MODULES.split(), "serve"),
+}
+
+
+def missing_extra(module: str | None) -> str | None:
+    """The extra to install for a ``ModuleNotFoundError`` on ``module``; None when the module is
+    not an optional dependency (then the error is a bug and keeps its traceback)."""
+    return EXTRA_OF_MODULE.get((module or "").split(".")[0])
+
+
+@contextlib.contextmanager
+def command(prog: str) -> Iterator[None]:
+    """``errors.reported`` plus one case: an optional dependency this command imports is not
+    installed, which in a serving install is the normal state; name the extra that has it."""
+    with reported(prog):
+        try:
+            yield
+        except ModuleNotFoundError as exc:
+            extra = missing_extra(exc.name)
+            if extra is None:
+                raise
+            raise UserError(
+                f"`mamlops {prog}` needs the {extra} extra ({exc.name} is not installed): "
+                f"pip install 'mamlops[{extra}]'"
+            ) from None
+
+
+def json_out(as_json: bool) -> contextlib.AbstractContextManager[Any]:
+    """With ``--json``, whatever the library prints while working (progress, summaries) goes to
+    stderr, so stdout holds the JSON alone."""
+    return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+
+
+def echo_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2))
+
+
+def usage_line(exc: typer.TyperException) -> str:
+    """typer's usage errors (a missing argument, an unknown option, a bad value) as one line:
+    ``mamlops serve: error: Missing argument 'model'; see 'mamlops serve --help'``."""
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "mamlops"
+    format_message = getattr(exc, "format_message", lambda: str(exc))
+    message = " ".join(format_message().split()).rstrip(".")
+    return f"{where}: error: {message}; see '{where} --help'"
+
+
+class OneLineErrors(TyperGroup):
+    """typer's group, but a usage error is one line and exit status 1, like every other user
+    error here, instead of typer's usage block and framed panel (exit status 2).
+
+    typer 0.29 carries its own copy of click, whose exceptions all derive from the public
+    ``typer.TyperException``; the ``click`` package is neither needed nor the right class.
+    """
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `mamlops`: help was printed
+                sys.exit(2)
+            typer.echo(usage_line(exc), err=True)
+            sys.exit(1)
+        except typer.Abort:
+            typer.echo("mamlops: aborted", err=True)
+            sys.exit(1)
+        # non-standalone, typer returns the status of an explicit Exit (--help, --version: 0)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="MAML few-shot image classification: DVC stages, MLflow tracking, ONNX serving.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -30,10 +116,26 @@ ParamsFile = Annotated[
     Path, typer.Option("--params", help="params file to read (default: ./params.yaml)")
 ]
 PARAMS_DEFAULT = Path("params.yaml")
+Json = Annotated[
+    bool, typer.Option("--json", help="print the result as JSON (alone on stdout) for scripts")
+]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mamlops {mamlops.version()}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _process_settings() -> None:
+def _process_settings(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
     """Process-wide settings, once, at entry (see malloc.py; no effect on results)."""
     from mamlops.malloc import keep_freed_memory
 
@@ -58,23 +160,23 @@ def download(
     params_file: ParamsFile = PARAMS_DEFAULT,
 ) -> None:
     """Fetch and verify Omniglot (official URLs, or a mirror), atomically."""
-    from mamlops.config import DataConfig, load_params
-    from mamlops.download import fetch_omniglot, resolve_mirror
+    with command("download"):
+        from mamlops.config import DataConfig, load_params
+        from mamlops.download import fetch_omniglot, resolve_mirror
 
-    with reported("download"):
         params_mirror = None
         if mirror is None and params_file.is_file():
             params_mirror = DataConfig.from_params(load_params(params_file)).mirror
         summary = fetch_omniglot(dest, resolve_mirror(params_mirror, flag=mirror), force=force)
-    typer.echo(json.dumps({k: summary.get(k) for k in ("source", "counts", "skipped")}, indent=2))
+    echo_json({k: summary.get(k) for k in ("source", "counts", "skipped")})
 
 
 @app.command()
 def verify(root: Annotated[Path, typer.Argument(help="an extracted Omniglot folder")]) -> None:
     """Check an Omniglot folder by content (structure, PNG decoding, fingerprint)."""
-    from mamlops.download import verify_omniglot
+    with command("verify"):
+        from mamlops.download import verify_omniglot
 
-    with reported("verify"):
         typer.echo(json.dumps(verify_omniglot(root), indent=2, default=str))
 
 
@@ -84,11 +186,11 @@ def prepare(
     params_file: ParamsFile = PARAMS_DEFAULT,
 ) -> None:
     """The prepare stage for one data set (as `dvc repro prepare@DATASET`)."""
-    from mamlops.config import DataConfig, Layout, PrepareConfig, load_params
-    from mamlops.prepare import prepare_stage
+    with command("prepare"):
+        from mamlops.config import DataConfig, Layout, PrepareConfig, load_params
+        from mamlops.prepare import prepare_stage
 
-    layout = Layout()
-    with reported("prepare"):
+        layout = Layout()
         params = load_params(params_file)
         cfg = PrepareConfig.from_params(params)
         source = DataConfig.from_params(params).source(dataset, layout.raw_omniglot)
@@ -97,48 +199,41 @@ def prepare(
 
 @app.command()
 def train(
-    setting: Annotated[str, typer.Argument(help="a key of train.presets in the params file")],
+    setting: Annotated[str, typer.Argument(help="a preset name (presets.yaml)")],
     params_file: ParamsFile = PARAMS_DEFAULT,
 ) -> None:
     """Meta-train one setting with MLflow tracking; resumes from its checkpoint."""
-    from mamlops.config import Layout, TrainConfig, load_params
-    from mamlops.train import train_stage
+    with command("train"):
+        from mamlops.config import Layout, TrainConfig, load_params
+        from mamlops.train import train_stage
 
-    layout = Layout()
-    with reported("train"):
+        layout = Layout()
         cfg = TrainConfig.from_params(load_params(params_file), setting)
-        train_stage(
-            cfg,
-            layout.prepared(cfg.dataset),
-            layout.model_dir(setting),
-            layout.checkpoint_dir(setting),
-            layout.metrics("train", setting),
-            layout.train_plot(setting),
-        )
+        train_stage(cfg, *layout.train_paths(setting, cfg.dataset))
 
 
 @app.command()
 def evaluate(
-    setting: Annotated[str, typer.Argument(help="a trained setting (key of train.presets)")],
+    setting: Annotated[str, typer.Argument(help="a trained setting (a preset name)")],
     params_file: ParamsFile = PARAMS_DEFAULT,
+    as_json: Json = False,
 ) -> None:
     """Score a trained setting on its 600 fixed test episodes (both BatchNorm protocols)."""
-    from mamlops.config import EvaluateConfig, Layout, TrainConfig, load_params
-    from mamlops.evaluate import evaluate_stage
+    with command("evaluate"):
+        from mamlops.config import EvaluateConfig, Layout, TrainConfig, load_params
+        from mamlops.evaluate import evaluate_stage
 
-    layout = Layout()
-    with reported("evaluate"):
+        layout = Layout()
         params = load_params(params_file)
         cfg = TrainConfig.from_params(params, setting)
-        evaluate_stage(
-            cfg,
-            EvaluateConfig.from_params(params),
-            layout.prepared(cfg.dataset),
-            layout.model_dir(setting),
-            layout.metrics("eval", setting),
-            layout.eval_steps_plot(setting),
-            layout.episodes_plot(setting),
-        )
+        with json_out(as_json):
+            metrics = evaluate_stage(
+                cfg,
+                EvaluateConfig.from_params(params),
+                *layout.evaluate_paths(setting, cfg.dataset),
+            )
+    if as_json:
+        echo_json({"setting": setting, **metrics})
 
 
 @app.command()
@@ -147,20 +242,15 @@ def publish(
     params_file: ParamsFile = PARAMS_DEFAULT,
 ) -> None:
     """The export stage: adapt a demo classifier, export ONNX, check parity, register it."""
-    from mamlops.config import ExportConfig, Layout, TrainConfig, load_params
-    from mamlops.export import export_stage
+    with command("publish"):
+        from mamlops.config import ExportConfig, Layout, TrainConfig, load_params
+        from mamlops.export import export_stage
 
-    layout = Layout()
-    with reported("publish"):
+        layout = Layout()
         params = load_params(params_file)
         cfg = TrainConfig.from_params(params, setting)
         export_stage(
-            cfg,
-            ExportConfig.from_params(params),
-            layout.prepared(cfg.dataset),
-            layout.model_dir(setting),
-            layout.metrics("eval", setting),
-            layout.metrics("export", setting),
+            cfg, ExportConfig.from_params(params), *layout.export_paths(setting, cfg.dataset)
         )
 
 
@@ -173,9 +263,9 @@ def adapt(
     lr: Annotated[float | None, typer.Option(help="inner lr (default: the model's)")] = None,
 ) -> None:
     """Adapt the base-learner to your own classes from a folder of a few images per class."""
-    from mamlops.adapt import adapt_folder
+    with command("adapt"):
+        from mamlops.adapt import adapt_folder
 
-    with reported("adapt"):
         clf = adapt_folder(support_dir, meta, steps=steps, lr=lr)
         clf.save(out)
     typer.echo(f"adapted classifier for {len(clf.labels)} classes {clf.labels} -> {out}")
@@ -185,16 +275,25 @@ def adapt(
 def evaluate_folder(
     classifier: Annotated[Path, typer.Argument(help="an adapted classifier (.safetensors)")],
     query_dir: Annotated[Path, typer.Argument(help="one subfolder per class, as for adapt")],
+    as_json: Json = False,
 ) -> None:
     """Accuracy and a per-class table of an adapted classifier on labelled folders."""
+    with command("evaluate-folder"):
+        if classifier.suffix == ".onnx":
+            raise UserError(
+                f"{classifier}: evaluate-folder takes the adapted classifier (.safetensors), "
+                "not its ONNX export"
+            )
+        from mamlops.adapt import evaluate_folder as run
+        from mamlops.classifier import Classifier
+
+        report = run(Classifier.load(classifier), query_dir)
+    if as_json:
+        echo_json({"classifier": str(classifier), **report})
+        return
     from rich.console import Console
     from rich.table import Table
 
-    from mamlops.adapt import evaluate_folder as run
-    from mamlops.classifier import Classifier
-
-    with reported("evaluate-folder"):
-        report = run(Classifier.load(classifier), query_dir)
     table = Table(title=f"accuracy {100 * report['accuracy']:.1f}% on {report['n']} images")
     table.add_column("class")
     table.add_column("images", justify="right")
@@ -204,6 +303,48 @@ def evaluate_folder(
     Console().print(table)
 
 
+def check_images(images: Sequence[Path]) -> None:
+    """Every image argument is an existing file; else one line naming the first that is not
+    (before any decoding, whose message would suggest converting the file)."""
+    for path in images:
+        if not path.is_file():
+            what = "not a file" if path.exists() else "no such file"
+            raise UserError(f"image {path}: {what}; pass paths of existing image files")
+
+
+def ranked_prediction(
+    ranked: Sequence[tuple[str, float]], labels: Sequence[str], top_k: int
+) -> dict[str, Any]:
+    """One image's prediction from its full ranking, in the shape onnx_predict gives: best
+    label and probability, every probability by label (in label order), the top k."""
+    probs = dict(ranked)
+    return {
+        "label": ranked[0][0],
+        "probability": ranked[0][1],
+        "probabilities": {label: probs[label] for label in labels},
+        "top_k": [{"label": lab, "probability": p} for lab, p in ranked[:top_k]],
+    }
+
+
+def _predict(model: Path, images: list[Path], top_k: int) -> list[dict[str, Any]]:
+    """Predictions per image, from onnxruntime alone for .onnx, else from PyTorch."""
+    if model.suffix == ".onnx":
+        from mamlops.onnx_predict import OnnxClassifier
+
+        onnx_clf = OnnxClassifier(model)
+        check_images(images)
+        preds = onnx_clf.predict_images([str(p) for p in images], top_k)
+    else:
+        from mamlops.adapt import predict_paths
+        from mamlops.classifier import Classifier
+
+        clf = Classifier.load(model)
+        check_images(images)
+        ranked = predict_paths(clf, images, len(clf.labels))
+        preds = [ranked_prediction(r, clf.labels, top_k) for r in ranked]
+    return [{"image": str(path), **pred} for path, pred in zip(images, preds, strict=True)]
+
+
 @app.command()
 def predict(
     model: Annotated[Path, typer.Argument(help="an adapted classifier (.safetensors) or .onnx")],
@@ -211,22 +352,19 @@ def predict(
     top_k: Annotated[
         int, typer.Option(min=1, help="how many classes to list per image, most likely first")
     ] = 1,
+    as_json: Json = False,
 ) -> None:
-    """Per image: its path, then label and probability of the top-k classes, tab-separated.
-    ONNX models run on onnxruntime only (no torch)."""
-    with reported("predict"):
-        if model.suffix == ".onnx":
-            from mamlops.onnx_predict import OnnxClassifier
-
-            preds = OnnxClassifier(model).predict_images([str(p) for p in images], top_k)
-            ranked = [[(t["label"], t["probability"]) for t in p["top_k"]] for p in preds]
-        else:
-            from mamlops.adapt import predict_paths
-            from mamlops.classifier import Classifier
-
-            ranked = predict_paths(Classifier.load(model), images, top_k)
-    for path, classes in zip(images, ranked, strict=True):
-        typer.echo("\t".join([str(path), *(f"{label}\t{p:.4f}" for label, p in classes)]))
+    """Per image: its path, then label and probability of the top-k classes, tab-separated
+    (with --json: label, probability, every class's probability and the top k). ONNX models
+    run on onnxruntime only (no torch)."""
+    with command("predict"):
+        preds = _predict(model, images, top_k)
+    if as_json:
+        echo_json({"model": str(model), "predictions": preds})
+        return
+    for pred in preds:
+        classes = [f"{t['label']}\t{t['probability']:.4f}" for t in pred["top_k"]]
+        typer.echo("\t".join([pred["image"], *classes]))
 
 
 @app.command()
@@ -236,10 +374,10 @@ def export(
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's)")] = None,
 ) -> None:
     """Export an adapted classifier to ONNX (BatchNorm folded, labels in the metadata)."""
-    from mamlops.classifier import Classifier
-    from mamlops.export import DEFAULT_OPSET, export_onnx
+    with command("export"):
+        from mamlops.classifier import Classifier
+        from mamlops.export import DEFAULT_OPSET, export_onnx
 
-    with reported("export"):
         path = export_onnx(Classifier.load(classifier), out, opset or DEFAULT_OPSET)
     typer.echo(f"wrote {path}")
 
@@ -248,14 +386,50 @@ def export(
 def serve(
     model: Annotated[Path, typer.Argument(help="an .onnx file, or a folder of them")],
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one, named at start)")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="largest accepted request body")] = 10.0,
 ) -> None:
-    """Serve ONNX classifiers over HTTP: /health, /metadata, /predict (onnxruntime only)."""
-    from mamlops.serve import serve as run
+    """Serve ONNX classifiers over HTTP: /predict, /health, /models, /metadata, /docs
+    (onnxruntime only)."""
+    with command("serve"):
+        if not max_upload_mb > 0:
+            raise UserError(f"--max-upload-mb must be above 0, got {max_upload_mb}")
+        from mamlops.serve import serve as run
 
-    with reported("serve"):
         run(model, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+
+
+def check_registry_names(name: str, alias: str) -> None:
+    """MLflow's own rules for model and alias names, checked before anything is logged (a bad
+    alias found afterwards would leave a registered version without it)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import (
+        _validate_model_alias_name,
+        _validate_model_alias_name_reserved,
+        _validate_model_name,
+    )
+
+    checks = [
+        ("--name", name, [_validate_model_name]),
+        ("--alias", alias, [_validate_model_alias_name, _validate_model_alias_name_reserved]),
+    ]
+    for option, value, rules in checks:
+        try:
+            for rule in rules:
+                rule(value)
+        except MlflowException as exc:
+            raise UserError(f"{option} {value!r}: {exc.message}") from None
+
+
+def store_error(uri: str, exc: Exception) -> str:
+    """One line for an MLflow store that cannot be used at all (an unsupported URI, the
+    retired file store): the store, MLflow's first sentence, and the fix."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    first = text.split(". ")[0].rstrip(".")[:300]
+    return (
+        f"MLflow store {uri} cannot be used ({first}); point MLFLOW_TRACKING_URI at a database "
+        "or server store, e.g. sqlite:///mlflow.db"
+    )
 
 
 @app.command()
@@ -263,13 +437,32 @@ def register(
     onnx_model: Annotated[Path, typer.Argument(help="an exported .onnx file")],
     name: Annotated[str, typer.Option(help="registered model name")] = "mamlops-classifier",
     alias: Annotated[str, typer.Option(help="alias to point at the new version")] = "champion",
+    as_json: Json = False,
 ) -> None:
     """Log an ONNX classifier to MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db), register it
     and point an alias at it."""
-    from mamlops.registry import log_and_register
+    with command("register"):
+        from mlflow.exceptions import MlflowException
 
-    with reported("register"):
-        version = log_and_register(onnx_model, name, alias)
+        from mamlops import tracking
+        from mamlops.registry import log_and_register
+
+        check_registry_names(name, alias)
+        try:
+            with json_out(as_json):
+                version = log_and_register(onnx_model, name, alias)
+        except MlflowException as exc:
+            raise UserError(store_error(tracking.tracking_uri(), exc)) from None
+    result = {
+        "name": name,
+        "version": int(version.version),
+        "alias": alias,
+        "model_uri": f"models:/{name}@{alias}",
+        "run_id": version.run_id,
+    }
+    if as_json:
+        echo_json(result)
+        return
     typer.echo(f"registered {name} version {version.version} as @{alias}")
 
 
@@ -281,9 +474,9 @@ def report(
     metrics: Annotated[Path, typer.Option(help="folder with eval/ and train/")] = Path("metrics"),
 ) -> None:
     """The results table (this project's accuracies beside the MAML paper's) from metrics/."""
-    from mamlops.report import load_results, render_table, update_readme
+    with command("report"):
+        from mamlops.report import load_results, render_table, update_readme
 
-    with reported("report"):
         table = render_table(load_results(metrics))
         if readme is None:
             typer.echo(table)

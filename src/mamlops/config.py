@@ -15,6 +15,7 @@ depend on the network code, so editing ``maml.py`` does not re-run them.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 PARAMS_FILE = Path("params.yaml")
+PRESETS_FILE = "presets.yaml"  # beside the params file: the training presets, by setting name
 Strategy = Literal["auto", "loop", "batched"]
 THETA_CHOICES = ("best", "final")  # theta_best (highest val accuracy) or theta (last iteration)
 
@@ -40,12 +42,26 @@ class ParamsError(UserError):
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    """The whole params file as a dict; a clear error when it is missing or not a mapping."""
+    """The whole params file as a dict, with the presets of a ``presets.yaml`` beside it under
+    the key ``"presets.yaml"``; a clear error when a file is missing or not a mapping.
+
+    The presets live in their own DVC params file so that ``dvc exp show`` lists the keys of
+    the presets a run uses, not those of every preset (DVC shows all of params.yaml, but only
+    the tracked keys of other params files).
+    """
     path = Path(path)
     if not path.is_file():
         raise ParamsError(
             f"{path}: params file not found; run from the repository root or pass --params FILE"
         )
+    data = _read_mapping(path)
+    presets_path = path.parent / PRESETS_FILE
+    if presets_path.is_file():
+        data[PRESETS_FILE] = _read_mapping(presets_path)
+    return data
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -296,7 +312,7 @@ _MAML_KEYS = tuple(f.name for f in fields(MAMLConfig))
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training setting: ``train.common`` merged with ``train.presets.<name>``.
+    """One training setting: params.yaml's ``train.common`` under presets.yaml's ``<name>``.
 
     In params.yaml the keys are flat (``inner_lr`` beside ``meta_batch``); here the inner-loop
     keys form the nested ``maml`` config the algorithm takes. ``to_dict`` flattens it back, so
@@ -329,11 +345,15 @@ class TrainConfig:
         own = [f for f in fields(cls) if f.name != "maml"]
         unknown = sorted(set(values) - {f.name for f in own} - set(_MAML_KEYS))
         if unknown:
-            raise ParamsError(f"params.yaml: {where}: unknown key(s) {unknown}")
+            known = sorted({f.name for f in own} | set(_MAML_KEYS))
+            hints = [difflib.get_close_matches(k, known, n=1) for k in unknown]
+            mean = [f"{k} -> {h[0]}" for k, h in zip(unknown, hints, strict=True) if h]
+            hint = f" (did you mean {', '.join(mean)}?)" if mean else ""
+            raise ParamsError(f"{where}: unknown key(s) {unknown}{hint}")
         required = [f.name for f in own if f.default is MISSING] + ["inner_lr", "inner_steps"]
         missing = sorted(k for k in required if k not in values)
         if missing:
-            raise ParamsError(f"params.yaml: {where} is missing {missing}")
+            raise ParamsError(f"{where} is missing {missing}")
         maml_values = {k: values[k] for k in _MAML_KEYS if k in values}
         lr = maml_values["inner_lr"]
         if isinstance(lr, int) and not isinstance(lr, bool):
@@ -346,20 +366,28 @@ class TrainConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], name: str) -> TrainConfig:
-        """Merge ``train.common`` and ``train.presets.<name>`` and check them."""
+        """Merge ``train.common`` and the preset ``name`` and check them.
+
+        Presets come from presets.yaml (see ``load_params``) and, for a params file of one's
+        own, from its ``train.presets`` section; the latter wins on a name both define.
+        """
         train = _section(params, "train")
-        presets = train.get("presets") or {}
+        presets = {**(params.get(PRESETS_FILE) or {}), **(train.get("presets") or {})}
         if name not in presets:
             known = ", ".join(sorted(presets)) or "none"
+            close = difflib.get_close_matches(name, list(presets), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise ParamsError(
-                f"params.yaml: train.presets has no setting {name!r} (known: {known}); "
-                "add it under train.presets or pick a known one"
+                f"{PRESETS_FILE} has no setting {name!r}; {hint}known: {known}. "
+                f"Add it to {PRESETS_FILE} or pick a known one"
             )
+        if not isinstance(presets[name], dict):
+            raise ParamsError(f"{PRESETS_FILE}: {name} must be a mapping of train keys")
         merged = {**(train.get("common") or {}), **presets[name], "name": name}
-        return cls.from_flat(merged, f"train.presets.{name}")
+        return cls.from_flat(merged, f"{PRESETS_FILE}:{name}")
 
     def validate(self) -> None:
-        where = f"params.yaml: train.presets.{self.name}"
+        where = f"{PRESETS_FILE}:{self.name}"  # a value there wins over train.common
         if self.dataset not in datasets.NAMES:
             raise ParamsError(
                 f"{where}.dataset must be one of {list(datasets.NAMES)}, got {self.dataset!r}"
@@ -416,6 +444,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def hardware(device: str | torch.device | None = None) -> str:
+    """One line on what runs this process (CPU model, cores and threads, or GPU; torch), for
+    the results table and MLflow tags."""
+    import os
+    import platform
+
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(dev)}, torch {torch.__version__}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = os.cpu_count() or 0
+    return (
+        f"CPU {name} ({cores} cores, {torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
+
+
 # ----------------------------------------------------------------------------- evaluate, export
 
 
@@ -445,6 +498,9 @@ class EvaluateConfig:
             grid_episodes=_int(sec, "grid_episodes", "evaluate"),
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -467,6 +523,9 @@ class ExportConfig:
             register=_require(sec, "register", bool, "export"),
             alias=_require(sec, "alias", str, "export"),
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def check_demo_episode(self, test_episodes: int) -> None:
         """The demo episode must be one of the prepared test episodes."""
@@ -503,11 +562,43 @@ class Layout:
     def metrics(self, stage: str, setting: str) -> Path:
         return self.root / "metrics" / stage / f"{setting}.json"
 
-    def train_plot(self, setting: str) -> Path:
-        return self.root / "plots" / "train" / f"{setting}.tsv"
+    def plot(self, kind: str, setting: str) -> Path:
+        """``plots/<kind>/<setting>.<ext>``: one folder per chart of dvc.yaml's ``plots:``."""
+        ext = {"train": "tsv", "val": "tsv", "eval": "csv", "curves": "png", "episodes": "png"}
+        return self.root / "plots" / kind / f"{setting}.{ext[kind]}"
 
-    def eval_steps_plot(self, setting: str) -> Path:
-        return self.root / "plots" / "eval" / f"{setting}_steps.csv"
+    def results(self, setting: str) -> Path:
+        """What an evaluation measured on what (data set, hardware, ...): not metrics."""
+        return self.root / "results" / f"{setting}.json"
 
-    def episodes_plot(self, setting: str) -> Path:
-        return self.root / "plots" / "episodes" / f"{setting}.png"
+    def train_paths(self, setting: str, dataset: str) -> tuple[Path, ...]:
+        """The train stage's paths, in its command line's order (after the setting)."""
+        return (
+            self.prepared(dataset),
+            self.model_dir(setting),
+            self.checkpoint_dir(setting),
+            self.metrics("train", setting),
+            self.plot("train", setting),
+            self.plot("val", setting),
+            self.plot("curves", setting),
+        )
+
+    def evaluate_paths(self, setting: str, dataset: str) -> tuple[Path, ...]:
+        """The evaluate stage's paths, in its command line's order (after the setting)."""
+        return (
+            self.prepared(dataset),
+            self.model_dir(setting),
+            self.metrics("eval", setting),
+            self.results(setting),
+            self.plot("eval", setting),
+            self.plot("episodes", setting),
+        )
+
+    def export_paths(self, setting: str, dataset: str) -> tuple[Path, ...]:
+        """The export stage's paths, in its command line's order (after the setting)."""
+        return (
+            self.prepared(dataset),
+            self.model_dir(setting),
+            self.metrics("eval", setting),
+            self.metrics("export", setting),
+        )

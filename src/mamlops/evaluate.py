@@ -16,8 +16,6 @@ sample std would be larger by sqrt(600/599), i.e. 0.08%.
 from __future__ import annotations
 
 import math
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,8 @@ import torch
 from torch import Tensor
 
 from mamlops import maml, tracking
-from mamlops.checkpoint import load_theta, read_run_id, theta_file
-from mamlops.config import EvaluateConfig, TrainConfig, resolve_device
+from mamlops.checkpoint import load_theta, theta_file
+from mamlops.config import EvaluateConfig, TrainConfig, hardware, resolve_device
 from mamlops.episodes import Tasks, episode_tasks, load_bank, load_episodes
 from mamlops.figures import episode_grid, steps_rows, write_steps_csv
 from mamlops.files import write_json
@@ -120,81 +118,93 @@ def predict_tasks(
     return maml.query_logits(fast, tasks, model_cfg, steps, bn).argmax(-1)
 
 
-def hardware(device: str | torch.device | None = None) -> str:
-    """A one-line description of what ran the evaluation, for the results table."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(dev)}, torch {torch.__version__}"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = os.cpu_count() or 0
-    return (
-        f"CPU {name} ({cores} cores, {torch.get_num_threads()} threads), torch {torch.__version__}"
-    )
-
-
 def evaluate_stage(
     cfg: TrainConfig,
     ev: EvaluateConfig,
     prepared_dir: Path,
     model_dir: Path,
     metrics_path: Path,
+    results_path: Path,
     steps_csv: Path,
     grid_png: Path,
 ) -> dict[str, Any]:
     """The stage ``evaluate@<setting>`` (and ``mamlops evaluate``): score the chosen theta on
-    the fixed test episodes; write the metrics JSON, the accuracy-per-step CSV and a PNG of
-    test episodes; add all three to the training's MLflow run. Returns the metrics."""
-    theta, meta = load_theta(theta_file(model_dir, ev.checkpoint))
+    the fixed test episodes.
+
+    Writes the metrics JSON (numbers only: accuracy and 95% CI for both BatchNorm protocols),
+    the results JSON (what was measured on what: data set, task, checkpoint, hardware), the
+    accuracy-per-step CSV and a PNG of test episodes; logs them in an MLflow run nested under
+    the training run that wrote the theta. Returns the metrics."""
+    theta_path = theta_file(model_dir, ev.checkpoint)
+    theta, meta = load_theta(theta_path)
     device = resolve_device(cfg.device)
-    t0 = time.perf_counter()
-    result = evaluate_setting(
-        theta, cfg, prepared_dir, steps=ev.steps, batch=ev.batch, device=device
-    )
-    metrics = {
-        "acc_transductive": result["transductive"]["acc"],
-        "ci95_transductive": result["transductive"]["ci95"],
-        "acc_support": result["support"]["acc"],
-        "ci95_support": result["support"]["ci95"],
-        "n": result["n"],
-        "steps": result["steps"],
-        "inner_lr": result["inner_lr"],
-        "iterations": meta["step"],
-        "train_iterations": int(meta["train_config"].get("iterations", cfg.iterations)),
-        "seconds": time.perf_counter() - t0,
-        "checkpoint": ev.checkpoint,
-        "dataset": cfg.dataset,
-        "ways": cfg.ways,
-        "shots": cfg.shots,
-        "hardware": hardware(device),
-    }
-    write_json(metrics_path, metrics)
-    rows = steps_rows(result)
-    write_steps_csv(rows, steps_csv)
-    episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots)
-    tasks = episode_tasks(prepared_dir, episodes, 0, ev.grid_episodes)
-    model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
-    preds = predict_tasks(theta, tasks, model_cfg, result["steps"], result["inner_lr"])
-    episode_grid(
-        tasks,
-        preds,
-        grid_png,
-        episodes=ev.grid_episodes,
-        title=f"{cfg.name}: test episodes after {result['steps']} steps (support-set BN)",
-    )
-    run_id = tracking.log_evaluation(
-        cfg.name, read_run_id(model_dir), metrics, rows, [metrics_path, steps_csv, grid_png]
-    )
+    parent = tracking.find_training_run(theta_path, ev.checkpoint)
+    with tracking.start_run(
+        f"evaluate@{cfg.name}",
+        {"setting": cfg.name, **{f"evaluate.{k}": v for k, v in ev.to_dict().items()}},
+        run_name=f"evaluate {cfg.name}",
+        parent_run_id=parent,
+        description=f"{cfg.name} on the fixed test episodes of {prepared_dir}",
+        tags={"mamlops.setting": cfg.name},
+        system_metrics=False,
+    ):
+        tracking.log_dataset(Path(prepared_dir), cfg.dataset, "testing")
+        t0 = time.perf_counter()
+        result = evaluate_setting(
+            theta, cfg, prepared_dir, steps=ev.steps, batch=ev.batch, device=device
+        )
+        metrics = {
+            "acc_transductive": result["transductive"]["acc"],
+            "ci95_transductive": result["transductive"]["ci95"],
+            "acc_support": result["support"]["acc"],
+            "ci95_support": result["support"]["ci95"],
+        }
+        results = {
+            "setting": cfg.name,
+            "dataset": cfg.dataset,
+            "ways": cfg.ways,
+            "shots": cfg.shots,
+            "episodes": result["n"],
+            "steps": result["steps"],
+            "inner_lr": result["inner_lr"],
+            "checkpoint": ev.checkpoint,
+            "iterations": meta["step"],
+            "train_iterations": int(meta["train_config"].get("iterations", cfg.iterations)),
+            "hardware": hardware(device),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        write_json(metrics_path, metrics)
+        write_json(results_path, results)
+        rows = steps_rows(result)
+        write_steps_csv(rows, steps_csv)
+        episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots)
+        tasks = episode_tasks(prepared_dir, episodes, 0, ev.grid_episodes)
+        model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
+        preds = predict_tasks(theta, tasks, model_cfg, result["steps"], result["inner_lr"])
+        episode_grid(
+            tasks,
+            preds,
+            grid_png,
+            episodes=ev.grid_episodes,
+            title=f"{cfg.name}: test episodes after {result['steps']} steps (support-set BN)",
+        )
+        tracking.set_tags({f"mamlops.{k}": str(v) for k, v in results.items()})
+        tracking.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
+        if parent:  # the runs list compares training runs on test accuracy too
+            tracking.log_to_finished_run(parent, {f"eval/{k}": v for k, v in metrics.items()})
+        for row in rows:  # the accuracy after each test-time inner step, as a curve
+            tracking.log_metrics(
+                {f"eval/by_step/{k}": v for k, v in row.items() if k != "step"},
+                step=int(row["step"]),
+            )
+        tracking.log_artifacts(
+            [(p, "eval") for p in (metrics_path, results_path, steps_csv, grid_png)]
+        )
     t, s = result["transductive"], result["support"]
     print(
         f"{cfg.name}: {100 * t['acc']:.2f} +- {100 * t['ci95']:.2f}% (transductive BN), "
         f"{100 * s['acc']:.2f} +- {100 * s['ci95']:.2f}% (support BN) on {result['n']} "
-        f"episodes, {result['steps']} steps; MLflow run {run_id}"
+        f"episodes, {result['steps']} steps"
+        + ("" if parent else " (training run not in this MLflow store: logged on its own)")
     )
     return metrics

@@ -25,8 +25,9 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from mamlops import tracking
 from mamlops.adapt import adapt_classifier
-from mamlops.checkpoint import read_run_id, theta_file
+from mamlops.checkpoint import theta_file
 from mamlops.classifier import Classifier, preprocessing_spec
 from mamlops.config import ExportConfig, TrainConfig
 from mamlops.episodes import episode_tasks, load_episodes
@@ -144,51 +145,70 @@ def export_stage(
     metrics_path: Path,
 ) -> dict[str, Any]:
     """The stage ``export@<setting>``: writes ``model_dir/classifier.safetensors`` and
-    ``model_dir/model.onnx`` and the metrics JSON (parity, demo accuracy, registry version)."""
+    ``model_dir/model.onnx`` and the metrics JSON (demo accuracy, ONNX-vs-PyTorch parity), in
+    an MLflow run nested under the training run, which also registers the model."""
     from mamlops.registry import register_if_best  # MLflow: imported only for this stage
 
     model_dir = Path(model_dir)
-    episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots)
-    ex.check_demo_episode(len(episodes))
-    e = ex.demo_episode
-    tasks = episode_tasks(prepared_dir, episodes, e, e + 1)
-    clf = adapt_classifier(
-        theta_file(model_dir, ex.checkpoint),
-        tasks.xs[0],
-        tasks.ys[0],
-        class_labels(prepared_dir, episodes.classes[e]),
-        provenance={"demo_task": f"test episode {e} of {prepared_dir}", "setting": cfg.name},
-    )
-    clf.save(model_dir / "classifier.safetensors")
-    onnx_path = export_onnx(clf, model_dir / "model.onnx", ex.opset)
-
-    # parity and accuracy on the demo episode's query images, one image at a time in ONNX
-    ort_model = OnnxClassifier(onnx_path)
-    xq = tasks.xq[0]
-    ort_probs = np.concatenate([ort_model.predict_array(x[None].numpy()) for x in xq])
-    torch_probs = clf.predict_proba(xq).numpy()
-    max_diff = float(np.abs(ort_probs - torch_probs).max())
-    if max_diff > PARITY_ATOL:
-        raise RuntimeError(f"onnxruntime differs from PyTorch by {max_diff:.2e} > {PARITY_ATOL}")
-    yq = tasks.yq[0].numpy()
-    eval_acc = (
-        json.loads(eval_metrics.read_text())["acc_support"] if eval_metrics.is_file() else None
-    )
-    metrics: dict[str, Any] = {
-        "parity_max_abs_diff": max_diff,
-        "demo_query_acc_onnx": float((ort_probs.argmax(1) == yq).mean()),
-        "demo_query_acc_torch": float((torch_probs.argmax(1) == yq).mean()),
-        "opset": ex.opset,
-        "onnx_bytes": onnx_path.stat().st_size,
-    }
-    if ex.register:
-        metrics["registry"] = register_if_best(
-            onnx_path, f"mamlops-{cfg.name}", ex.alias, eval_acc, read_run_id(model_dir)
+    theta_path = theta_file(model_dir, ex.checkpoint)
+    with tracking.start_run(
+        f"export@{cfg.name}",
+        {"setting": cfg.name, **{f"export.{k}": v for k, v in ex.to_dict().items()}},
+        run_name=f"export {cfg.name}",
+        parent_run_id=tracking.find_training_run(theta_path, ex.checkpoint),
+        description=f"{cfg.name}: the demo classifier (test episode {ex.demo_episode}) as ONNX",
+        tags={"mamlops.setting": cfg.name},
+        system_metrics=False,
+    ):
+        episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots)
+        ex.check_demo_episode(len(episodes))
+        e = ex.demo_episode
+        tasks = episode_tasks(prepared_dir, episodes, e, e + 1)
+        clf = adapt_classifier(
+            theta_path,
+            tasks.xs[0],
+            tasks.ys[0],
+            class_labels(prepared_dir, episodes.classes[e]),
+            provenance={"demo_task": f"test episode {e} of {prepared_dir}", "setting": cfg.name},
         )
-    write_json(metrics_path, metrics)
+        clf.save(model_dir / "classifier.safetensors")
+        onnx_path = export_onnx(clf, model_dir / "model.onnx", ex.opset)
+
+        # parity and accuracy on the demo episode's query images, one image at a time in ONNX
+        ort_model = OnnxClassifier(onnx_path)
+        xq = tasks.xq[0]
+        ort_probs = np.concatenate([ort_model.predict_array(x[None].numpy()) for x in xq])
+        torch_probs = clf.predict_proba(xq).numpy()
+        max_diff = float(np.abs(ort_probs - torch_probs).max())
+        if max_diff > PARITY_ATOL:
+            raise RuntimeError(
+                f"onnxruntime differs from PyTorch by {max_diff:.2e} > {PARITY_ATOL}"
+            )
+        yq = tasks.yq[0].numpy()
+        metrics: dict[str, float] = {
+            "demo_acc_onnx": float((ort_probs.argmax(1) == yq).mean()),
+            # in millionths: DVC shows 5 decimals, and 1e-7 would read 0.0
+            "parity_ppm": round(max_diff * 1e6, 4),
+        }
+        write_json(metrics_path, metrics)
+        tracking.log_metrics({f"export/{k}": v for k, v in metrics.items()})
+        tracking.log_metrics({"export/demo_acc_torch": float((torch_probs.argmax(1) == yq).mean())})
+        tracking.log_metrics({"export/onnx_bytes": onnx_path.stat().st_size})
+        registry = ""
+        if ex.register:
+            eval_acc = (
+                json.loads(eval_metrics.read_text())["acc_support"]
+                if eval_metrics.is_file()
+                else None
+            )
+            reg = register_if_best(onnx_path, f"mamlops-{cfg.name}", ex.alias, eval_acc)
+            tracking.set_tags({f"mamlops.registry.{k}": str(v) for k, v in reg.items()})
+            registry = (
+                f", registered {reg['model']} version {reg['version']}"
+                f" (@{reg['alias']} on version {reg['alias_on']})"
+            )
     print(
-        f"{cfg.name}: {onnx_path} ({metrics['onnx_bytes']} bytes), demo query accuracy "
-        f"{100 * metrics['demo_query_acc_onnx']:.1f}%, max |ORT - torch| {max_diff:.1e}"
-        + (f", registry {metrics['registry']}" if "registry" in metrics else "")
+        f"{cfg.name}: {onnx_path} ({onnx_path.stat().st_size} bytes), demo query accuracy "
+        f"{100 * metrics['demo_acc_onnx']:.1f}%, max |ORT - torch| {max_diff:.1e}{registry}"
     )
     return metrics

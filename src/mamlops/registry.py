@@ -1,9 +1,11 @@
 """Put an exported ONNX classifier into the MLflow model registry under an alias.
 
 Aliases (``models:/NAME@champion``) rather than stages, which MLflow 3 deprecates. The model is
-logged with a tensor signature [-1, C, H, W] float32 and a one-image input example, so
-``mlflow models serve -m models:/NAME@ALIAS --env-manager local`` accepts a JSON body
-``{"inputs": [[[[...]]]]}`` and answers ``{"predictions": {"probabilities": [[...]]}}``.
+a pyfunc (``mlflow_model.py``, logged from code) around the ONNX file, with a named signature
+(input ``x``: float32 [-1, C, H, W]; outputs ``label``, ``probability``, ``p:<label>``) and a
+one-image input example, so ``mlflow models serve -m models:/NAME@ALIAS --env-manager local``
+accepts ``{"inputs": [[[[...]]]]}`` and answers
+``{"predictions": [{"label": "...", "probability": 0.97, "p:<label>": ...}, ...]}``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import numpy as np
 import onnx
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema, TensorSpec
 
 from mamlops import tracking
 from mamlops.errors import UserError
@@ -47,6 +50,21 @@ def _example(meta: dict[str, str]) -> np.ndarray:
     """A blank image in model input layout; blank because the example is stored in the run."""
     c, s = int(meta["channels"]), int(meta["input_size"])
     return np.zeros((1, c, s, s), dtype=np.float32)
+
+
+def _signature(input_name: str, shape: tuple[int, ...], labels: list[str]) -> ModelSignature:
+    """Named: the tensor the ONNX graph takes, and the columns ``mlflow_model.py`` answers."""
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *shape[1:]), input_name)])
+    columns = [ColSpec("string", "label"), ColSpec("double", "probability")]
+    columns += [ColSpec("double", f"p:{label}") for label in labels]
+    return ModelSignature(inputs=inputs, outputs=Schema(columns))
+
+
+def _requirements() -> list[str]:
+    """What the pyfunc imports, at this environment's versions."""
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "onnxruntime", "numpy", "pandas")]
 
 
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
@@ -85,14 +103,25 @@ def log_and_register(
 
     example = _example(meta)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    output = session.run(None, {session.get_inputs()[0].name: example})[0]
-    signature = infer_signature(example, output)
+    session.run(None, {session.get_inputs()[0].name: example})  # it runs before it is logged
+    signature = _signature(session.get_inputs()[0].name, example.shape, json.loads(meta["labels"]))
     uri = tracking_uri or tracking.tracking_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         with _tracking_at(uri):
-            exp_id = None if run_id else _experiment_id(client, experiment, artifact_location)
-            with mlflow.start_run(run_id=run_id, experiment_id=exp_id) as run:
+            exp_id = (
+                None
+                if run_id or mlflow.active_run()
+                else _experiment_id(client, experiment, artifact_location)
+            )
+            active = mlflow.active_run()
+            in_run = active is not None and run_id in (None, active.info.run_id)
+            ctx = (
+                contextlib.nullcontext(active)
+                if in_run
+                else mlflow.start_run(run_id=run_id, experiment_id=exp_id)
+            )
+            with ctx as run:
                 mlflow.set_tags(
                     {
                         "mamlops.labels": meta["labels"],
@@ -100,12 +129,13 @@ def log_and_register(
                         "mamlops.dataset": meta.get("dataset", ""),
                     }
                 )
-                info = mlflow.onnx.log_model(
-                    model,
+                info = mlflow.pyfunc.log_model(
                     name="classifier",
+                    python_model=Path(__file__).with_name("mlflow_model.py"),
+                    artifacts={"onnx": str(onnx_path)},
                     signature=signature,
                     input_example=example,
-                    save_as_external_data=False,
+                    pip_requirements=_requirements(),
                     registered_model_name=model_name,
                 )
             version = str(info.registered_model_version)

@@ -1,9 +1,10 @@
 """Results table: this project's test accuracies next to the MAML paper's, into the README.
 
-Reads metrics/eval/<setting>.json (written by the evaluate stage) and, when present,
-metrics/train/<setting>.json, and renders one markdown row per setting. ``update_readme``
-rewrites the README between the two markers below, so the numbers in the README are always the
-ones the pipeline produced and never typed by hand.
+Reads metrics/eval/<setting>.json (the accuracies, written by the evaluate stage) with
+results/<setting>.json beside it (what was measured on what: task, checkpoint, hardware) and,
+when present, metrics/train/<setting>.json, and renders one markdown row per setting.
+``update_readme`` rewrites the README between the two markers below, so the numbers in the
+README are always the ones the pipeline produced and never typed by hand.
 
     mamlops report                      # print the table
     mamlops report --readme README.md   # rewrite the README section (make report)
@@ -37,12 +38,18 @@ class ReportError(UserError):
     """Metrics or README cannot be used as they are; the message says what to do."""
 
 
-def load_results(metrics_dir: str | Path = "metrics") -> list[dict[str, Any]]:
-    """One dict per evaluated setting: eval metrics, plus ``train`` metrics when present."""
+def load_results(
+    metrics_dir: str | Path = "metrics", results_dir: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """One dict per evaluated setting: eval metrics and their results file (``results_dir``,
+    default ``results/`` beside ``metrics_dir``), plus ``train`` metrics when present."""
     metrics_dir = Path(metrics_dir)
+    results_dir = Path(results_dir) if results_dir else metrics_dir.parent / "results"
     rows = []
     for path in sorted((metrics_dir / "eval").glob("*.json")):
-        data = json.loads(path.read_text())
+        facts = results_dir / path.name
+        data = json.loads(facts.read_text()) if facts.is_file() else {}
+        data.update(json.loads(path.read_text()))
         data["setting"] = path.stem
         train = metrics_dir / "train" / path.name
         data["train"] = json.loads(train.read_text()) if train.is_file() else {}
@@ -82,7 +89,7 @@ def render_table(results: list[dict[str, Any]]) -> str:
             f"| {r['setting']} | {task} "
             f"| {_pct(r['acc_transductive'], r['ci95_transductive'])} "
             f"| {_pct(r['acc_support'], r['ci95_support'])} "
-            f"| {paper_s} | {r.get('n')} | {r.get('steps')} | {iters} "
+            f"| {paper_s} | {r.get('episodes', '–')} | {r.get('steps')} | {iters} "
             f"| {_train_time(r['train'])} | {r.get('hardware', '–')} |"
         )
     lines.append("")

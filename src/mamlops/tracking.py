@@ -1,21 +1,34 @@
-"""MLflow at the edge: where runs go, and the tags that tie a run to its code and DVC stage.
+"""MLflow at the edge: where runs go, what they are called, and how they link up.
 
 The store defaults to ``sqlite:///<repo root>/mlflow.db`` with an absolute path, because
 ``dvc exp run --queue/--temp`` executes stages in a copy under ``.dvc/tmp/exps``: a relative
-``sqlite:///mlflow.db`` would land in that throwaway copy and the run would vanish.
-``MLFLOW_TRACKING_URI`` overrides it (e.g. a shared server on PostgreSQL).
+``sqlite:///mlflow.db`` would land in that throwaway copy and the run would vanish. Artifacts
+go beside it, to ``<repo root>/mlartifacts``, set when the experiment is created (MLflow's own
+default is ``./mlruns`` of whichever folder first created it). ``MLFLOW_TRACKING_URI``
+overrides both (e.g. a shared server on PostgreSQL, which keeps its own artifact root).
+
+One training run per ``train@<setting>`` execution, named after the DVC experiment; the
+evaluate and export stages log child runs under it, found by the SHA-256 of the theta file
+they read (a tag of the training run), so no run id has to travel in a file. Metric keys are
+grouped by prefix: ``train/``, ``val/``, ``eval/``, ``export/``; descriptive values are params
+or tags, never single-value metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 EXPERIMENT = "mamlops"
+# MLflow 3 opens an experiment in its GenAI view (traces) unless this tag says otherwise
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+THETA_TAG = "mamlops.theta_sha256.{}"  # best | final: links evaluate/export to training
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -78,6 +91,13 @@ def run_tags(stage: str) -> dict[str, str]:
     return tags
 
 
+def run_name(setting: str) -> str:
+    """``<setting> <DVC experiment>``, or the start time outside ``dvc exp run``: every rerun
+    gets a name of its own, and the experiment's runs are easy to pick out in the list."""
+    exp = os.environ.get("DVC_EXP_NAME") or time.strftime("%Y-%m-%d %H:%M")
+    return f"{setting} {exp}"
+
+
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: MLflow params are flat key/value pairs."""
     flat: dict[str, Any] = {}
@@ -90,25 +110,63 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def experiment_id(name: str = EXPERIMENT) -> str:
+    """The experiment's id, created on first use with its artifacts beside the default store
+    and the classic (training runs) view as its landing page."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    default_store = not os.environ.get("MLFLOW_TRACKING_URI")  # (set_tracking_uri sets it)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = None
+        if default_store and uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        try:
+            exp_id = client.create_experiment(name, artifact_location=location)
+        except Exception:  # created by a concurrent stage (dvc queue workers) in between
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            exp_id = found.experiment_id
+    else:
+        exp_id = exp.experiment_id
+    for key, value in EXPERIMENT_KIND.items():
+        if exp is None or exp.tags.get(key) != value:
+            client.set_experiment_tag(exp_id, key, value)
+    return exp_id
+
+
 @contextlib.contextmanager
 def start_run(
     stage: str,
     params: Mapping[str, Any] | None = None,
     *,
     run_name: str | None = None,
+    parent_run_id: str | None = None,
+    description: str | None = None,
+    tags: Mapping[str, str] | None = None,
     system_metrics: bool = True,
 ) -> Iterator[Any]:
     """An MLflow run for one stage execution; a run that raises is marked FAILED.
 
-    ``mlflow.start_run`` used as a context manager already ends the run as FAILED when the body
-    raises; KeyboardInterrupt (a killed stage) is marked KILLED so resumes are easy to spot.
+    ``parent_run_id`` nests it under that run (evaluate and export under the training run):
+    a failure here marks this run FAILED, never the training run. KeyboardInterrupt (a killed
+    stage) is marked KILLED so resumes are easy to spot.
     """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(EXPERIMENT)
+    exp_id = experiment_id()
     run = mlflow.start_run(
-        run_name=run_name or stage, tags=run_tags(stage), log_system_metrics=system_metrics
+        experiment_id=exp_id,
+        run_name=run_name or stage,
+        parent_run_id=parent_run_id,
+        tags={**run_tags(stage), **(tags or {})},
+        description=description,
+        log_system_metrics=system_metrics,
     )
     try:
         if params:
@@ -124,68 +182,130 @@ def start_run(
         mlflow.end_run(status="FINISHED")
 
 
-def log_metrics(values: Mapping[str, float], step: int | None = None) -> None:
-    """Numbers of the active run (the training loop's ``on_metrics`` callback)."""
+# the training loop's row keys -> metric names grouped by prefix in the MLflow UI
+TRAIN_METRICS = {
+    "loss": "train/loss",
+    "train_acc": "train/acc",
+    "meta_lr": "train/meta_lr",
+    "tasks_per_s": "train/tasks_per_s",
+    "val_acc": "val/acc",
+}
+
+
+def log_training_metrics(values: Mapping[str, float], step: int | None = None) -> None:
+    """One row of the training loop (its ``on_metrics`` callback), under prefixed names."""
     import mlflow
 
-    mlflow.log_metrics(dict(values), step=step)
+    named = {TRAIN_METRICS.get(k, f"train/{k}"): float(v) for k, v in values.items()}
+    mlflow.log_metrics(named, step=step)
 
 
-def log_summary(
-    tags: Mapping[str, str],
-    metrics: Mapping[str, float],
-    artifacts: list[tuple[Path, str]],
-) -> None:
-    """Tags, final numbers and ``(file, artifact folder)`` pairs on the active run."""
+def log_metrics(values: Mapping[str, float], step: int | None = None) -> None:
+    """Numbers of the active run, names as given (callers prefix them)."""
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+
+
+def log_to_finished_run(run_id: str, values: Mapping[str, float]) -> None:
+    """Summary numbers onto another (finished) run, e.g. test accuracy onto the training run,
+    so the runs list compares training runs on it; the run's status and end time stay."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), stamp, 0) for k, v in values.items()]
+    mlflow.MlflowClient(tracking_uri=tracking_uri()).log_batch(run_id, metrics=metrics)
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    """Tags of the active run."""
     import mlflow
 
     mlflow.set_tags(dict(tags))
-    mlflow.log_metrics(dict(metrics))
+
+
+def log_artifacts(artifacts: list[tuple[Path, str]]) -> None:
+    """``(file, artifact folder)`` pairs on the active run."""
+    import mlflow
+
     for path, folder in artifacts:
         mlflow.log_artifact(str(path), folder)
 
 
-def log_evaluation(
-    setting: str,
-    run_id: str | None,
-    metrics: Mapping[str, Any],
-    curve: list[dict[str, float]],
-    artifacts: list[Path],
-) -> str:
-    """Add an evaluation to the training run ``run_id`` (one run holds a model's whole story),
-    or to a new run tagged with the setting when that run is unknown; returns the run id.
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    Numbers become ``eval_<key>`` metrics, the accuracy after each inner step a curve
-    (``eval_curve_acc_*`` by step), strings tags, and ``artifacts`` go to ``eval/``.
-    """
+
+def dvc_hash(path: Path, lock: Path = Path("dvc.lock")) -> str | None:
+    """The md5 DVC recorded in ``dvc.lock`` for the output ``path``, if any stage wrote it."""
+    import yaml
+
+    if not lock.is_file():
+        return None
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except yaml.YAMLError:
+        return None
+    want = Path(path).as_posix().rstrip("/")
+    for stage in stages.values():
+        for out in stage.get("outs", []) or []:
+            if out.get("path") == want and out.get("md5"):
+                return str(out["md5"])
+    return None
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over the folder's relative file names and contents (when DVC has no hash)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def log_dataset(folder: Path, name: str, context: str) -> None:
+    """``log_input`` of a prepared data folder: its DVC hash (``dvc.lock``) as the digest, so
+    the run's Datasets column says exactly which data it saw."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    folder = Path(folder)
+    md5 = dvc_hash(folder)
+    digest = md5.removesuffix(".dir") if md5 else folder_digest(folder)[:32]
+    where = folder if folder.is_absolute() else repo_root() / folder  # not DVC's temp copy
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(where))
+    mlflow.log_input(MetaDataset(source, name=name, digest=digest), context=context)
+    if md5:
+        mlflow.set_tag(f"dvc.md5.{folder.as_posix()}", md5)
+
+
+def theta_tags(files: Mapping[str, Path]) -> dict[str, str]:
+    """``{kind: theta file}`` -> the tags that let evaluate/export find this training run."""
+    return {THETA_TAG.format(k): file_sha256(p) for k, p in files.items() if Path(p).is_file()}
+
+
+def find_training_run(theta: Path, kind: str) -> str | None:
+    """The latest finished training run that wrote ``theta`` (by its SHA-256), or None when
+    this store never saw it (another store, or a model trained elsewhere)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(EXPERIMENT)
-    if run_id is not None:
-        try:
-            mlflow.get_run(run_id)
-        except Exception as exc:  # store moved or reset: do not lose the evaluation over it
-            print(f"warning: training run {run_id} not found ({exc}); logging to a new run")
-            run_id = None
-    if run_id is not None:
-        ctx = mlflow.start_run(run_id=run_id, log_system_metrics=False)
-    else:
-        tags = {**run_tags(f"evaluate@{setting}"), "mamlops.setting": setting}
-        ctx = mlflow.start_run(run_name=f"evaluate-{setting}", tags=tags)
-    numbers = {
-        f"eval_{k}": float(v)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-    with ctx as run:
-        mlflow.set_tags({f"eval.{k}": str(v) for k, v in metrics.items() if isinstance(v, str)})
-        mlflow.log_metrics(numbers)
-        for row in curve:
-            mlflow.log_metrics(
-                {f"eval_curve_{k}": v for k, v in row.items() if k != "step"},
-                step=int(row["step"]),
-            )
-        for path in artifacts:
-            mlflow.log_artifact(str(path), "eval")
-        return run.info.run_id
+    exp_id = experiment_id()
+    tag = THETA_TAG.format(kind)
+    runs = mlflow.search_runs(
+        experiment_ids=[exp_id],
+        filter_string=f"tags.`{tag}` = '{file_sha256(theta)}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None

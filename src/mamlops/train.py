@@ -26,16 +26,18 @@ from mamlops.checkpoint import (
     save_checkpoint,
     save_theta,
     theta_file,
-    write_run_id,
 )
-from mamlops.config import TrainConfig, resolve_device
+from mamlops.config import TrainConfig, hardware, resolve_device
 from mamlops.episodes import TaskSampler, episode_tasks, load_bank, load_episodes
 from mamlops.errors import UserError
 from mamlops.figures import training_curves
 from mamlops.files import write_json, write_text
 from mamlops.model import ConvNetConfig, Params
 
-HISTORY_COLUMNS = ("step", "loss", "train_acc", "val_acc", "meta_lr", "tasks_per_s")
+# the plotted columns: deterministic values only (tasks/s is a metric, not a curve), so the
+# same seed and params write the same files
+TRAIN_COLUMNS = ("step", "loss", "train_acc", "meta_lr")
+VAL_COLUMNS = ("step", "val_acc")
 
 
 class NonFiniteLossError(UserError):
@@ -231,17 +233,17 @@ def train(
     )
 
 
-def write_history(history: list[dict[str, float]], path: Path) -> None:
-    """Per-step TSV for ``dvc plots``; blank cells where a value was not measured that step."""
-    lines = ["\t".join(HISTORY_COLUMNS)]
+def write_history(history: list[dict[str, float]], path: Path, columns: tuple[str, ...]) -> None:
+    """TSV for ``dvc plots``: the rows of ``history`` that measured ``columns[1]``, so no cell
+    is ever blank (a blank is drawn as 0 by Vega-Lite)."""
+    lines = ["\t".join(columns)]
     for row in history:
-        lines.append("\t".join(_cell(row.get(c)) for c in HISTORY_COLUMNS))
+        if row.get(columns[1]) is not None:
+            lines.append("\t".join(_cell(row[c]) for c in columns))
     write_text(path, "\n".join(lines) + "\n")
 
 
-def _cell(value: float | None) -> str:
-    if value is None:
-        return ""
+def _cell(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) > 1 else f"{value:.6g}"
 
 
@@ -251,53 +253,80 @@ def train_stage(
     model_dir: Path,
     checkpoint_dir: Path,
     metrics_path: Path,
-    plot_path: Path,
+    train_tsv: Path,
+    val_tsv: Path,
+    curves_png: Path,
     *,
     progress: bool = True,
 ) -> TrainResult:
     """The stage ``train@<setting>`` (and ``mamlops train``): ``train`` inside one MLflow run.
 
-    Writes ``model_dir/theta{,_best}.safetensors`` and ``mlflow_run_id``, the summary
-    ``metrics_path`` (JSON) and the per-step ``plot_path`` (TSV); MLflow gets the params, every
-    logged step, the summary, the resolved strategy, the curves, checkpoint and theta.
+    Writes ``model_dir/theta{,_best}.safetensors``, the summary ``metrics_path`` (JSON, numbers
+    only), the per-step curves ``train_tsv`` (loss, query accuracy) and ``val_tsv`` (validation
+    accuracy) and their PNG. MLflow gets the effective config as ``train.<key>`` params, the
+    prepared data as a dataset input, every logged step (``train/*``, ``val/*``), the theta
+    hashes evaluate/export look the run up by, the curves, checkpoint and theta.
     """
-    model_dir, plot_path = Path(model_dir), Path(plot_path)
+    model_dir, prepared_dir = Path(model_dir), Path(prepared_dir)
+    config = {k: v for k, v in cfg.to_dict().items() if k != "name"}
+    description = (
+        f"Meta-training {cfg.name}: {cfg.ways}-way {cfg.shots}-shot {cfg.dataset}, "
+        f"{cfg.iterations} iterations of {cfg.meta_batch} tasks "
+        f"({'first' if cfg.maml.first_order else 'second'} order)."
+    )
     with tracking.start_run(
-        f"train@{cfg.name}", cfg.to_dict(), run_name=f"train-{cfg.name}"
-    ) as run:
+        f"train@{cfg.name}",
+        {"setting": cfg.name, **{f"train.{k}": v for k, v in config.items()}},
+        run_name=tracking.run_name(cfg.name),
+        description=description,
+        tags={
+            "mamlops.setting": cfg.name,
+            "mamlops.hardware": hardware(resolve_device(cfg.device)),
+        },
+    ):
+        tracking.log_dataset(prepared_dir, cfg.dataset, "training")
         result = train(
             cfg,
-            Path(prepared_dir),
+            prepared_dir,
             model_dir,
             Path(checkpoint_dir),
-            on_metrics=tracking.log_metrics,
+            on_metrics=tracking.log_training_metrics,
             progress=progress,
         )
-        write_history(result.history, plot_path)
-        metrics = {
-            "iterations": result.step,
+        write_history(result.history, Path(train_tsv), TRAIN_COLUMNS)
+        write_history(result.history, Path(val_tsv), VAL_COLUMNS)
+        curves = training_curves(result.history, curves_png, f"{cfg.name}: meta-training")
+        metrics = {  # the few numbers `dvc exp show` compares runs on; the rest is in MLflow
             "best_val_acc": result.best_val_acc,
             "best_step": result.best_step,
-            "final_loss": result.final_loss,
-            "tasks_per_s": result.tasks_per_s,
-            "train_seconds": result.seconds,
-            "resumed_from": result.resumed_from,
+            "tasks_per_s": round(result.tasks_per_s, 2),
+            "train_seconds": round(result.seconds, 1),
         }
         write_json(metrics_path, metrics)
-        curves = training_curves(
-            result.history, model_dir / "training_curves.png", f"{cfg.name}: meta-training"
+        tracking.log_metrics(
+            {
+                "val/best_acc": result.best_val_acc,
+                "val/best_step": result.best_step,
+                "train/final_loss": result.final_loss,
+                "train/seconds": result.seconds,
+            }
         )
-        tracking.log_summary(
-            {"mamlops.strategy": result.strategy},
-            {f"final_{k}": float(v) for k, v in metrics.items()},
+        tracking.set_tags(
+            {
+                "mamlops.strategy": result.strategy,
+                "mamlops.resumed_from": str(result.resumed_from),
+                **tracking.theta_tags({k: theta_file(model_dir, k) for k in ("best", "final")}),
+            }
+        )
+        tracking.log_artifacts(
             [
                 (curves, "plots"),
-                (plot_path, "plots"),
+                (Path(train_tsv), "plots"),
+                (Path(val_tsv), "plots"),
                 (Path(checkpoint_dir) / CHECKPOINT, "checkpoint"),
                 (theta_file(model_dir, "best"), "model"),
-            ],
+            ]
         )
-        write_run_id(model_dir, run.info.run_id)
     print(f"{cfg.name}: best val acc {result.best_val_acc:.4f} at step {result.best_step}")
     return result
 
