@@ -63,12 +63,12 @@ report: install
 
 # The MAML paper's Omniglot configs (presets.yaml; 60,000 iterations each: for a GPU), as DVC
 # experiments named after them: `make paper-omniglot-5w1s` trains one, `make paper-omniglot`
-# all four, one after another. Each sets train.settings to that preset alone, so the targets
+# all four, one after another. Each replaces train.settings with that preset alone, so the targets
 # run in any order. ITERATIONS=N shortens a run (a try-out); EXP_ARGS adds `dvc exp run` args.
 PAPER_OMNIGLOT := paper-omniglot-5w1s paper-omniglot-5w5s paper-omniglot-20w1s paper-omniglot-20w5s
 ITERATIONS ?=
 EXP_ARGS ?=
 paper-omniglot: $(PAPER_OMNIGLOT)
 paper-omniglot-%: install
-	$(BIN)/dvc exp run -n $@ -S 'train.settings={$@: omniglot}' \
+	$(BIN)/dvc exp run -n $@ -S '~train.settings' -S '+train.settings={$@: omniglot}' \
 	  $(if $(ITERATIONS),-S 'presets.yaml:$@.iterations=$(ITERATIONS)') $(EXP_ARGS)

@@ -247,7 +247,8 @@ def _mlflow_ids(uri: str) -> dict[str, Any]:
     return {
         "experiment": exp.experiment_id,
         "run": training[0],
-        "run_names": [r.info.run_name for r in runs],
+        # top-level runs only: evaluate/export are child rows, collapsed in the list
+        "run_names": [r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags],
         "model": models[0] if models else None,
         "columns": columns,
         "metrics": metrics,
