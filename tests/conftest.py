@@ -182,6 +182,43 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def http_process(
+    cmd: list[str], url: str, ready: str, timeout: float, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Run ``cmd`` (a server) as its own process group; yield ``url`` once ``GET url+ready``
+    answers 200, and stop the whole group afterwards (servers that fork workers leave none
+    behind). Its output goes to a temporary log, shown when it dies or never answers."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+        def output() -> str:
+            log.seek(0)
+            return log.read().decode(errors="replace")[-3000:]
+
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                assert proc.poll() is None, output()
+                try:
+                    if httpx.get(f"{url}{ready}", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, f"{cmd[0]} did not answer in {timeout} s"
+                time.sleep(0.2)
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@contextlib.contextmanager
 def mlflow_models_serve(model_uri: str, tracking_uri: str) -> Iterator[str]:
     """`mlflow models serve` on a free 127.0.0.1 port as its own process group; yields its URL
     once /ping answers, and kills the group (mlflow and its uvicorn child) afterwards."""
@@ -198,27 +235,5 @@ def mlflow_models_serve(model_uri: str, tracking_uri: str) -> Iterator[str]:
     }
     cmd = [mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local"]
     cmd += ["-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(proc.stdout.read().decode()[-3000:])
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mlflow models serve did not come up in 120 s"
-            time.sleep(0.5)
+    with http_process(cmd, f"http://127.0.0.1:{port}", "/ping", 120, env) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()

@@ -10,18 +10,15 @@ with pip's cache and local wheels (much longer on a cold cache).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, build_classifier, free_port
+from conftest import REPO, build_classifier, free_port, http_process
 
 import mamlops
 from mamlops.export import export_onnx
@@ -121,35 +118,14 @@ def test_version_and_predict(serve_bin: Path, model: dict) -> None:
 
 
 @pytest.fixture
-def server(serve_bin: Path, model: dict, tmp_path: Path) -> Iterator[str]:
+def server(serve_bin: Path, model: dict) -> Iterator[str]:
     """`mamlops serve clf.onnx` from the serve-only venv, on a free 127.0.0.1 port, in its own
     process group (stopped by its id afterwards)."""
     port = free_port()
-    log = (tmp_path / "serve.log").open("w")
     cmd = [str(serve_bin / "mamlops"), "serve", str(model["root"] / "clf.onnx")]
     cmd += ["--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mamlops serve did not answer in 60 s"
-            time.sleep(0.2)
+    with http_process(cmd, f"http://127.0.0.1:{port}", "/health", 60) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def test_serve_answers_real_images(server: str, model: dict) -> None:

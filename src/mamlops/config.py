@@ -114,6 +114,14 @@ def _theta_choice(sec: dict[str, Any], where: str) -> str:
     return value
 
 
+class _Fields:
+    """``to_dict``: a flat config's fields by name, as params.yaml spells them (MLflow params,
+    theta metadata)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -283,7 +291,7 @@ def _check_fits(
 
 
 @dataclass(frozen=True)
-class MAMLConfig:
+class MAMLConfig(_Fields):
     """Inner loop and MAML++ switches; defaults are the paper's Omniglot 5-way setting.
 
     ``first_order_iters``: derivative-order annealing, first-order for iterations < E, then
@@ -302,9 +310,6 @@ class MAMLConfig:
     multi_step_loss: bool = False
     multi_step_anneal_iters: int = 0
     first_order_iters: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 _MAML_KEYS = tuple(f.name for f in fields(MAMLConfig))
@@ -473,7 +478,7 @@ def hardware(device: str | torch.device | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Fields):
     """``evaluate``: which theta, how many test-time steps, batch size, episodes drawn."""
 
     checkpoint: str = "best"
@@ -498,12 +503,9 @@ class EvaluateConfig:
             grid_episodes=_int(sec, "grid_episodes", "evaluate"),
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(_Fields):
     """``export``: the demo classifier, its ONNX opset, and the registry."""
 
     checkpoint: str = "best"
@@ -523,9 +525,6 @@ class ExportConfig:
             register=_require(sec, "register", bool, "export"),
             alias=_require(sec, "alias", str, "export"),
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def check_demo_episode(self, test_episodes: int) -> None:
         """The demo episode must be one of the prepared test episodes."""

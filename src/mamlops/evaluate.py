@@ -189,9 +189,10 @@ def evaluate_stage(
             title=f"{cfg.name}: test episodes after {result['steps']} steps (support-set BN)",
         )
         tracking.set_tags({f"mamlops.{k}": str(v) for k, v in results.items()})
-        tracking.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
+        named = {f"eval/{k}": v for k, v in metrics.items()}
+        tracking.log_metrics(named)
         if parent:  # the runs list compares training runs on test accuracy too
-            tracking.log_to_finished_run(parent, {f"eval/{k}": v for k, v in metrics.items()})
+            tracking.log_to_finished_run(parent, named)
         for row in rows:  # the accuracy after each test-time inner step, as a curve
             tracking.log_metrics(
                 {f"eval/by_step/{k}": v for k, v in row.items() if k != "step"},

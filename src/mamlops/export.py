@@ -191,9 +191,11 @@ def export_stage(
             "parity_ppm": round(max_diff * 1e6, 4),
         }
         write_json(metrics_path, metrics)
-        tracking.log_metrics({f"export/{k}": v for k, v in metrics.items()})
-        tracking.log_metrics({"export/demo_acc_torch": float((torch_probs.argmax(1) == yq).mean())})
-        tracking.log_metrics({"export/onnx_bytes": onnx_path.stat().st_size})
+        extra = {  # MLflow only: not compared across DVC experiments
+            "demo_acc_torch": float((torch_probs.argmax(1) == yq).mean()),
+            "onnx_bytes": onnx_path.stat().st_size,
+        }
+        tracking.log_metrics({f"export/{k}": v for k, v in {**metrics, **extra}.items()})
         registry = ""
         if ex.register:
             eval_acc = (

@@ -67,13 +67,6 @@ def _requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "onnxruntime", "numpy", "pandas")]
 
 
-def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
-
-
 def log_and_register(
     onnx_path: str | Path,
     model_name: str,
@@ -86,7 +79,8 @@ def log_and_register(
     """Log ``onnx_path`` to a run (``run_id`` or a new one), register it, point ``alias`` at it.
 
     ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI`` or ``sqlite:///<repo>/mlflow.db``;
-    ``artifact_location`` only applies when the experiment has to be created.
+    ``artifact_location`` only applies when the experiment has to be created (default: beside
+    a SQLite store, as ``tracking.experiment_id`` does for the pipeline).
     Returns the new registered model version (with the alias set).
     """
     onnx_path = Path(onnx_path)
@@ -109,18 +103,14 @@ def log_and_register(
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         with _tracking_at(uri):
-            exp_id = (
-                None
-                if run_id or mlflow.active_run()
-                else _experiment_id(client, experiment, artifact_location)
-            )
             active = mlflow.active_run()
-            in_run = active is not None and run_id in (None, active.info.run_id)
-            ctx = (
-                contextlib.nullcontext(active)
-                if in_run
-                else mlflow.start_run(run_id=run_id, experiment_id=exp_id)
-            )
+            if active is not None and run_id in (None, active.info.run_id):
+                ctx = contextlib.nullcontext(active)  # the export stage's run
+            else:
+                exp_id = (
+                    None if run_id else tracking.experiment_id(experiment, uri, artifact_location)
+                )
+                ctx = mlflow.start_run(run_id=run_id, experiment_id=exp_id)
             with ctx as run:
                 mlflow.set_tags(
                     {

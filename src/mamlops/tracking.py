@@ -4,8 +4,9 @@ The store defaults to ``sqlite:///<repo root>/mlflow.db`` with an absolute path,
 ``dvc exp run --queue/--temp`` executes stages in a copy under ``.dvc/tmp/exps``: a relative
 ``sqlite:///mlflow.db`` would land in that throwaway copy and the run would vanish. Artifacts
 go beside it, to ``<repo root>/mlartifacts``, set when the experiment is created (MLflow's own
-default is ``./mlruns`` of whichever folder first created it). ``MLFLOW_TRACKING_URI``
-overrides both (e.g. a shared server on PostgreSQL, which keeps its own artifact root).
+default is ``./mlruns`` of whichever folder first created it); beside any SQLite store, in fact.
+``MLFLOW_TRACKING_URI`` overrides the store (e.g. a shared server on PostgreSQL, which keeps its
+own artifact root).
 
 One training run per ``train@<setting>`` execution, named after the DVC experiment; the
 evaluate and export stages log child runs under it, found by the SHA-256 of the theta file
@@ -110,20 +111,30 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def experiment_id(name: str = EXPERIMENT) -> str:
-    """The experiment's id, created on first use with its artifacts beside the default store
-    and the classic (training runs) view as its landing page."""
+def use_store() -> str:
+    """Point MLflow's fluent API at this project's store (``tracking_uri``); returns it."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    default_store = not os.environ.get("MLFLOW_TRACKING_URI")  # (set_tracking_uri sets it)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id(
+    name: str = EXPERIMENT, uri: str | None = None, artifact_location: str | None = None
+) -> str:
+    """The experiment's id in the store ``uri`` (default: ``tracking_uri``), created on first
+    use with the classic (training runs) view as its landing page and its artifacts at
+    ``artifact_location``, by default ``mlartifacts`` beside a SQLite store (MLflow's own
+    default is ``./mlruns`` of whichever folder first created it)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        location = None
-        if default_store and uri.startswith("sqlite:///"):
+        location = artifact_location
+        if location is None and uri.startswith("sqlite:///"):
             location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
         try:
             exp_id = client.create_experiment(name, artifact_location=location)
@@ -159,7 +170,7 @@ def start_run(
     """
     import mlflow
 
-    exp_id = experiment_id()
+    exp_id = experiment_id(uri=use_store())
     run = mlflow.start_run(
         experiment_id=exp_id,
         run_name=run_name or stage,
@@ -299,7 +310,7 @@ def find_training_run(theta: Path, kind: str) -> str | None:
     this store never saw it (another store, or a model trained elsewhere)."""
     import mlflow
 
-    exp_id = experiment_id()
+    exp_id = experiment_id(uri=use_store())
     tag = THETA_TAG.format(kind)
     runs = mlflow.search_runs(
         experiment_ids=[exp_id],
