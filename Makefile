@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data/omniglot/images_background.zip),)
 export MAMLOPS_DATA_MIRROR ?= $(abspath ../shared/data/omniglot)
 endif
 
-.PHONY: install run test lint format bench report paper-omniglot plots screenshots mlflow-ui
+.PHONY: install run test lint format bench report paper-omniglot gpu-train plots screenshots mlflow-ui
 
 $(BIN)/mamlops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,15 @@ screenshots: install
 # The README's results table, rebuilt from metrics/eval/*.json.
 report: install
 	$(BIN)/mamlops report --readme README.md
+
+# On a rented GPU machine that has PyTorch but no venv (docs/performance.md, "GPU"): the float64
+# gradient check, the step variants timed, then PRESET trained for at most MINUTES of wall clock
+# with the fastest fp32 variant, into gpu-run/PRESET/. `mamlops evaluate` scores it on a CPU.
+PRESET ?= paper-omniglot-5w1s
+MINUTES ?= 8.5
+gpu-train:
+	python3 benchmarks/gpu_train.py --preset $(PRESET) --minutes $(MINUTES) --out gpu-run/$(PRESET) \
+	  --variant auto --bench batched batched-graph
 
 # The MAML paper's Omniglot configs (presets.yaml; 60,000 iterations each: for a GPU), as DVC
 # experiments named after them: `make paper-omniglot-5w1s` trains one, `make paper-omniglot`

@@ -12,7 +12,8 @@ speed does not depend on pixel values.
 ``--device cuda`` runs every implementation (and the matmul reference) on the GPU; TF32 is
 left at torch's defaults, which are printed (cuDNN convs use TF32 by default, matmuls do not).
 ``--check-grad`` only compares the batched and loop meta-gradients in float64 on ``--device``.
-On a GPU machine without the venv: ``bash benchmarks/gpu_check.sh``.
+On a GPU machine without the venv: ``python3 benchmarks/gpu_train.py --bench ...`` (it runs
+``check_grad`` and times the step variants before it trains).
 """
 
 from __future__ import annotations

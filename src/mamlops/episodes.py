@@ -237,8 +237,11 @@ class TaskSampler:
         g = self.generator
         n_classes, n_images = self.bank.shape[:2]
         # top-k of uniform noise = N distinct classes in random order (random label assignment)
-        rows = torch.rand(n_tasks, n_classes, generator=g).topk(self.ways, dim=1).indices
-        noise = torch.rand(n_tasks, self.ways, n_images, generator=g)
+        # drawn on the generator's device: a CUDA generator keeps sampling on the GPU, with no
+        # host-to-device copy (and so no sync) per iteration
+        rows = torch.rand(n_tasks, n_classes, generator=g, device=g.device)
+        rows = rows.topk(self.ways, dim=1).indices
+        noise = torch.rand(n_tasks, self.ways, n_images, generator=g, device=g.device)
         images = noise.argsort(dim=-1)[..., : self.shots + self.query]
         return gather_tasks(self.bank, rows, images, self.shots, self.dataset)
 

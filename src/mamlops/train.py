@@ -104,7 +104,9 @@ def train(
     device = resolve_device(cfg.device)
     model_cfg, maml_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways), cfg.maml
     train_bank = load_bank(prepared_dir, "train").to(device)
-    sampler = TaskSampler(train_bank, cfg.ways, cfg.shots, cfg.query, seed=cfg.seed)
+    # tasks are drawn where the bank is: on CUDA no index tensor crosses to the GPU each step
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    sampler = TaskSampler(train_bank, cfg.ways, cfg.shots, cfg.query, generator=gen)
     val_bank = load_bank(prepared_dir, "val").to(device)
     val_eps = load_episodes(prepared_dir, "val", cfg.ways, cfg.shots)
 
@@ -122,6 +124,13 @@ def train(
         # a run with other params (e.g. `dvc exp run -S ...` after a finished run): resuming
         # would mix two configs, so this run starts from scratch and replaces the checkpoint
         print(f"{ckpt_path} was written with other train params: starting from scratch")
+        state = None
+    if state is not None and state.get("sampler_device", "cpu") != device.type:
+        # a generator's state is device-specific: a CPU run's cannot drive a CUDA generator
+        print(
+            f"{ckpt_path} was written on {state.get('sampler_device', 'cpu')}, this run is on "
+            f"{device.type}: starting from scratch"
+        )
         state = None
     if state is not None:
         with torch.no_grad():
@@ -142,6 +151,7 @@ def train(
                 "params": {k: v.detach().cpu() for k, v in params.items()},
                 "optimizer": opt.state_dict(),
                 "sampler_rng": sampler.generator.get_state(),
+                "sampler_device": device.type,
                 "step": step,
                 "best_val": best_val,
                 "best_step": best_step,
@@ -154,6 +164,7 @@ def train(
     t0, tasks_seen, loss_value, rate = time.perf_counter(), 0, float("nan"), 0.0
     window_t, window_tasks = time.perf_counter(), 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16)
+    defer, pending = device.type == "cuda", []  # losses not yet checked for NaN
     try:
         for step in range(start, end):
             lr = (
@@ -174,14 +185,22 @@ def train(
             done = step + 1
             log_now = done % cfg.log_every == 0 or done == cfg.iterations
             val_now = done % cfg.val_every == 0 or done == cfg.iterations
-            # checked every step, before the update, so no NaN ever reaches theta or a checkpoint
-            loss_value = float(m["loss"])
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"meta-loss is {loss_value} at iteration {done}; the last good checkpoint"
-                    f" ({ckpt_path}) is kept. Lower meta_lr or inner_lr, or enable "
-                    "grad_clip, then rerun to resume from it"
-                )
+            ckpt_now = bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0
+            pending.append(m["loss"])
+            if not defer or log_now or val_now or ckpt_now or done == end:
+                # on a CPU every step, before the update; on CUDA once per logging interval
+                # (reading a GPU value waits for the GPU), before anything is logged or written:
+                # either way no NaN ever reaches a theta file or a checkpoint
+                losses = torch.stack(pending).tolist()
+                pending.clear()
+                for k, value in enumerate(losses):
+                    if not math.isfinite(value):
+                        raise NonFiniteLossError(
+                            f"meta-loss is {value} at iteration {done - len(losses) + 1 + k}; the"
+                            f" last good checkpoint ({ckpt_path}) is kept. Lower meta_lr or "
+                            "inner_lr, or enable grad_clip, then rerun to resume from it"
+                        )
+                loss_value = losses[-1]
             opt.step()
             row: dict[str, float] = {}
             if log_now:
@@ -207,7 +226,7 @@ def train(
                 if on_metrics is not None:
                     on_metrics({k: v for k, v in row.items() if k != "step"}, done)
                 bar.update(done, row)
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            if ckpt_now:
                 checkpoint(done)
     finally:
         bar.close()
