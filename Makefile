@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data/omniglot/images_background.zip),)
 export MAMLOPS_DATA_MIRROR ?= $(abspath ../shared/data/omniglot)
 endif
 
-.PHONY: install run test lint format bench report paper-omniglot gpu-train plots screenshots mlflow-ui
+.PHONY: install run test lint format bench report paper-omniglot gpu-train time-to-accuracy plots screenshots mlflow-ui
 
 $(BIN)/mamlops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,15 @@ screenshots: install
 # The README's results table, rebuilt from metrics/eval/*.json.
 report: install
 	$(BIN)/mamlops report --readme README.md
+
+# Training recipes of SETTING (benchmarks/recipes.yaml) as queued DVC experiments, one at a time,
+# each seeing TASKS tasks; then val accuracy against seconds and tasks, read back from MLflow, as
+# a plot and a table in benchmarks/results/time-to-accuracy/ (docs/performance.md quotes it).
+SETTING ?= omniglot-5w1s
+TASKS ?= 16000
+time-to-accuracy: install
+	$(BIN)/python benchmarks/time_to_accuracy.py all \
+	  --setting $(SETTING) --tasks $(TASKS)
 
 # On a rented GPU machine that has PyTorch but no venv (docs/performance.md, "GPU"): the float64
 # gradient check, the step variants timed, then PRESET trained for at most MINUTES of wall clock

@@ -63,9 +63,10 @@ def run(args: argparse.Namespace) -> None:
         values = dict(overrides)
         meta_batch = values.get("meta_batch", base.meta_batch)
         values.setdefault("iterations", max(1, args.tasks // meta_batch))
+        # ++ adds a key the preset lacks or replaces it (Hydra override syntax)
         # ten validations per run, at the same numbers of tasks for every recipe
         values.setdefault("val_every", max(1, args.tasks // 10 // meta_batch))
-        sets = [f"presets.yaml:{args.setting}.{k}={v}" for k, v in values.items()]
+        sets = [f"presets.yaml:++{args.setting}.{k}={v}" for k, v in values.items()]
         dvc("exp", "remove", exp, check=False)  # a rerun replaces the recipe's earlier result
         cmd = ["exp", "run", "--queue", "-n", exp, "-S", "~train.settings"]
         cmd += ["-S", f"+train.settings={{{args.setting}: {base.dataset}}}"]
@@ -73,7 +74,15 @@ def run(args: argparse.Namespace) -> None:
             cmd += ["-S", s]
         dvc(*cmd)
         print(f"queued {exp}: {', '.join(f'{k}={v}' for k, v in values.items())}", flush=True)
-    dvc("queue", "start", "-j", "1")
+    # not through dvc(): the worker `queue start` leaves behind inherits its stdout, and reading
+    # that pipe to its end would wait for the whole queue (`dvc queue logs <exp>` has the output)
+    subprocess.run(
+        ["dvc", "queue", "start", "-j", "1"],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     t0 = time.monotonic()
     while True:
         status = dvc("queue", "status")
