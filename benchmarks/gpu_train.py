@@ -37,6 +37,7 @@ Random draws differ from a CPU run of the same preset (a CUDA generator, other k
 same seed gives the same run on the same GPU and software, not the CPU's numbers.
 """
 
+# ruff: noqa: E402  (sys.path is set before the project imports)
 from __future__ import annotations
 
 import argparse
@@ -53,15 +54,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 
-import torch  # noqa: E402
+import torch
 
-from mamlops import maml  # noqa: E402
-from mamlops.checkpoint import load_checkpoint, save_checkpoint, save_theta, theta_file  # noqa: E402
-from mamlops.config import TrainConfig, load_params  # noqa: E402
-from mamlops.episodes import TaskSampler, load_bank, load_episodes  # noqa: E402
-from mamlops.files import write_json, write_text  # noqa: E402
-from mamlops.model import ConvNetConfig  # noqa: E402
-from mamlops.train import validate  # noqa: E402
+from mamlops import maml
+from mamlops.checkpoint import (
+    load_checkpoint,
+    resume_key,
+    resume_mismatch,
+    save_checkpoint,
+    save_theta,
+    theta_file,
+)
+from mamlops.config import TrainConfig, load_params
+from mamlops.episodes import TaskSampler, load_bank, load_episodes
+from mamlops.files import write_json, write_text
+from mamlops.model import ConvNetConfig
+from mamlops.train import validate
 
 VARIANTS = ("batched", "batched-graph", "batched-notf32", "batched-bf16", "loop")
 HISTORY_COLUMNS = ("step", "seconds", "tasks", "loss", "train_acc", "val_acc")
@@ -148,9 +156,9 @@ class Trainer:
         self._graph.replay()
         return self._out.clone()
 
-    def state(self, step: int, best_val: float, best_step: int, history: list) -> dict:
+    def state(self, key: dict, step: int, best_val: float, best_step: int, history: list) -> dict:
         return {
-            "config": json.dumps(self.cfg.to_dict(), sort_keys=True),
+            "key": key,
             "params": {k: v.detach().cpu() for k, v in self.params.items()},
             "optimizer": self.opt.state_dict(),
             "sampler_rng": self.sampler.generator.get_state(),
@@ -232,7 +240,8 @@ def train(args, cfg: TrainConfig, device: torch.device, out: Path) -> dict:
     ckpt = out / "checkpoint.pt"
     start, best_val, best_step, history, offset = 0, -1.0, -1, [], 0.0
     state = load_checkpoint(ckpt)
-    if state is not None and state["config"] == json.dumps(cfg.to_dict(), sort_keys=True):
+    key = resume_key(cfg, args.prepared)
+    if state is not None and resume_mismatch(state, key) is None:
         with torch.no_grad():
             for k, v in state["params"].items():
                 trainer.params[k].copy_(v)
@@ -272,7 +281,7 @@ def train(args, cfg: TrainConfig, device: torch.device, out: Path) -> dict:
             if row["val_acc"] > best_val:
                 best_val, best_step = row["val_acc"], done
                 save_theta(trainer.params, theta_file(out, "best"), cfg, done)
-            save_checkpoint(ckpt, trainer.state(done, best_val, best_step, history + [row]))
+            save_checkpoint(ckpt, trainer.state(key, done, best_val, best_step, history + [row]))
             log(
                 f"{cfg.name} {done}/{cfg.iterations} {row['seconds']:.0f}s loss {row['loss']:.4f}"
                 f" train {row['train_acc']:.4f} val {row['val_acc']:.4f}"

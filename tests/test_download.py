@@ -372,3 +372,50 @@ def test_pipeline_stage_keeps_verified_copy(
     assert "kept (already verified)" in out
     assert "images_evaluation: 659 characters, 13180 images" in out
     assert "miniimagenet: not configured" in out
+
+
+def test_mirror_credentials_are_sent_as_basic_auth_and_never_shown(tmp_path: Path) -> None:
+    """A mirror URL with ``user:TOKEN@`` is fetched with an Authorization header (urllib alone
+    would take ``user:TOKEN@host`` for a host name), and no message ever shows the token."""
+    import base64
+
+    seen: list[str | None] = []
+
+    class Auth(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            good = "Basic " + base64.b64encode(b"me:s3cr:et").decode()
+            body = b"zip bytes" if self.headers.get("Authorization") == good else b""
+            self.send_response(200 if body else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Auth)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        target = tmp_path / "ok.zip"
+        download._download(f"http://me:s3cr%3Aet@{host}/a.zip", target, progress=False)
+        assert target.read_bytes() == b"zip bytes"
+        with pytest.raises(DataError) as bad:
+            download._download(f"http://me:WRONGTOKEN@{host}/a.zip", tmp_path / "x", False)
+        assert "401" in str(bad.value) and "WRONGTOKEN" not in str(bad.value)
+        assert f"http://***@{host}/a.zip" in str(bad.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert len(seen) == 2 and all(h and h.startswith("Basic ") for h in seen)
+    # an unreachable mirror with credentials: the error names the host, not the token
+    with pytest.raises(DataError) as down:
+        download._download("http://me:TOPSECRET@127.0.0.1:9/a.zip", tmp_path / "y", False)
+    assert "TOPSECRET" not in str(down.value) and "127.0.0.1:9" in str(down.value)
+    with pytest.raises(DataError) as scheme:
+        download._source("ftp://me:TOPSECRET@host/")
+    assert "TOPSECRET" not in str(scheme.value)
+    assert download.redact("https://host/p?q=1") == "https://host/p?q=1"

@@ -240,6 +240,20 @@ def test_export_onnx_and_registry(repo: Path) -> None:
     assert [spec.name for spec in info.signature.outputs.inputs][:2] == ["label", "probability"]
 
 
+def test_forced_train_rerun_rewrites_its_outputs(repo: Path, pipeline_env: dict[str, str]):
+    """`dvc repro -f` deletes train's outputs, then the stage finds its checkpoint at the final
+    step: it must write both theta files again (byte-identical), so the pipeline stays whole."""
+    model = repo / "models" / SETTING
+    before = {p.name: p.read_bytes() for p in model.glob("theta*.safetensors")}
+    assert sorted(before) == ["theta.safetensors", "theta_best.safetensors"]
+    out = _run(["dvc", "repro", "-f", "-s", f"train@{SETTING}"], repo, pipeline_env)
+    assert "Running stage 'train@" in out
+    assert {p.name: p.read_bytes() for p in model.glob("theta*.safetensors")} == before
+    assert "up to date" in _run(["dvc", "status"], repo, pipeline_env)
+    metrics = json.loads((repo / "metrics" / "train" / f"{SETTING}.json").read_text())
+    assert metrics["train_seconds"] > 0.5 and metrics["best_step"] in (10, 20)
+
+
 def query_images(repo: Path, labels: list[str], dest: Path, per_class: int = 3) -> list[Path]:
     """Real drawings of the exported classes as PNG files, rotated as the class says."""
     from PIL import Image

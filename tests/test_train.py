@@ -241,3 +241,55 @@ def test_maml_plus_plus_switches_train_and_track_inner_lrs(
     assert row["meta_lr"] < cfg.meta_lr  # cosine annealing
     theta = load_file(str(tmp_path / "theta.safetensors"))
     assert theta["bn0.weight"].shape == (3, 64)  # per-step BN: inner_steps + 1 rows
+
+
+def test_a_finished_run_rewrites_both_theta_files(omniglot_prepared: Path, tmp_path: Path):
+    """DVC deletes a stage's outputs before it runs it (`dvc repro -f`, a kill after the last
+    checkpoint): the resume finds the run done and must still write theta and theta_best,
+    byte-identical, from the checkpoint (it keeps the best theta and its step)."""
+    cfg = tiny_cfg(iterations=4, val_every=2, checkpoint_every=2)
+    out, ck = tmp_path / "m", tmp_path / "ck"
+    first = train(cfg, omniglot_prepared, out, ck, progress=False)
+    before = {w: (out / f"{w}.safetensors").read_bytes() for w in ("theta", "theta_best")}
+    for name in before:
+        (out / f"{name}.safetensors").unlink()
+    again = train(cfg, omniglot_prepared, out, ck, progress=False)
+    assert again.resumed_from == 4 and again.best_step == first.best_step
+    for name, data in before.items():
+        assert (out / f"{name}.safetensors").read_bytes() == data, name
+    # the whole run's time, not the resume's fraction of a second
+    assert again.seconds > 0.5 * first.seconds and again.tasks_per_s < 2 * first.tasks_per_s
+    assert again.final_loss == first.final_loss  # the last logged loss, from the checkpoint
+
+
+def test_other_prepared_data_or_code_start_from_scratch(
+    omniglot_prepared: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint continues only the run that wrote it: same config, same prepared data
+    (here one pixel differs), same training code (here a module is edited)."""
+    import shutil
+
+    cfg = tiny_cfg(iterations=2)
+    out, ck = tmp_path / "m", tmp_path / "ck"
+    train(cfg, omniglot_prepared, out, ck, progress=False)
+    other = tmp_path / "prepared"
+    shutil.copytree(omniglot_prepared, other)
+    images = other / "images.npy"
+    data = bytearray(images.read_bytes())
+    data[-1] ^= 0xFF
+    images.write_bytes(bytes(data))
+    result = train(cfg, other, out, ck, progress=False)
+    assert "other prepared data: starting from scratch" in capsys.readouterr().out
+    assert result.resumed_from == 0
+
+    from mamlops import checkpoint as ckpt_mod
+
+    package = tmp_path / "package"
+    package.mkdir()
+    for name in ckpt_mod.TRAINING_CODE:
+        shutil.copy(Path(ckpt_mod.__file__).parent / name, package / name)
+    (package / "maml.py").write_text((package / "maml.py").read_text() + "\n# a fix\n")
+    monkeypatch.setattr(ckpt_mod, "__file__", str(package / "checkpoint.py"))
+    result = train(cfg, other, out, ck, progress=False)
+    assert "other training code: starting from scratch" in capsys.readouterr().out
+    assert result.resumed_from == 0

@@ -6,8 +6,11 @@ the training loop.
 * ``theta.safetensors`` / ``theta_best.safetensors``: the meta-parameters (last iteration /
   highest validation accuracy) with the train config as metadata. safetensors, so a file someone
   hands you loads without unpickling; byte-identical for identical runs, so DVC hashes match.
-* ``checkpoint.pt``: theta, Adam's moments, the task sampler's RNG state and the step, for a
-  bitwise resume. Read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+* ``checkpoint.pt``: theta, Adam's moments, the task sampler's RNG state, the step and the best
+  theta so far with its step, for a bitwise resume that can always rewrite both theta files
+  (DVC deletes a stage's outputs before it runs it). ``resume_key`` says what it was trained
+  from: a checkpoint is resumed only when config, prepared data and training code all match.
+  Read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
   dicts only, nothing is unpickled into code.
 
 Example::
@@ -17,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,16 @@ from mamlops.files import atomic_write, read_safetensors, write_safetensors
 from mamlops.model import ConvNetConfig, Params
 
 CHECKPOINT = "checkpoint.pt"
+# the modules whose code decides what a training run computes (not the CLI, tracking or I/O)
+TRAINING_CODE = (
+    "config.py",
+    "datasets.py",
+    "episodes.py",
+    "maml.py",
+    "model.py",
+    "preprocess.py",
+    "train.py",
+)
 THETA_FILES = dict(zip(THETA_CHOICES, ("theta_best.safetensors", "theta.safetensors"), strict=True))
 THETA_FORMAT = "mamlops-theta-1"
 
@@ -85,3 +99,40 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     if not Path(path).is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _digest(paths: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def resume_key(cfg: TrainConfig, prepared_dir: Path) -> dict[str, str]:
+    """What a training run's result depends on: its config, the prepared data (every file of
+    ``prepared_dir``, about 0.1 s for Omniglot) and the training code (``TRAINING_CODE``). A
+    checkpoint resumes only a run with the same key, so a changed split or a code fix never
+    continues from a state it did not produce."""
+    prepared_dir = Path(prepared_dir)
+    package = Path(__file__).parent
+    return {
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "data": _digest(sorted(p for p in prepared_dir.rglob("*") if p.is_file()), prepared_dir),
+        "code": _digest([package / name for name in TRAINING_CODE], package),
+    }
+
+
+def resume_mismatch(state: dict[str, Any], key: dict[str, str]) -> str | None:
+    """Why a checkpoint cannot be resumed by a run with ``key`` (None when it can)."""
+    saved = state.get("key") or {"config": state.get("config")}
+    for part, what in (
+        ("config", "other train params"),
+        ("data", "other prepared data"),
+        ("code", "other training code"),
+    ):
+        if saved.get(part) != key[part]:
+            return f"was written with {what}"
+    return None

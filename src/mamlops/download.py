@@ -13,6 +13,7 @@ the final ``rename`` is atomic) and swapped in only after it verified.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -58,6 +59,37 @@ def resolve_mirror(params_mirror: str | None, flag: str | None = None) -> str | 
     return None
 
 
+def redact(url: str) -> str:
+    """``url`` safe to print or log: its userinfo (user name, password, token) becomes ``***``.
+
+    A mirror may carry credentials (``https://user:TOKEN@host/omniglot/``); every message and
+    log line that names a URL goes through here, so the token never reaches a terminal, a CI
+    log or MLflow.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]  # a lone user name can be a token too
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+def _request(url: str) -> urllib.request.Request:
+    """A request for ``url`` with its userinfo moved into an ``Authorization: Basic`` header.
+
+    urllib does not understand userinfo: it would take ``user:TOKEN@host`` for a host name (and
+    print it in its errors), so credentials are parsed here and the URL sent without them.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return urllib.request.Request(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)))
+    user, _, password = (urllib.parse.unquote(x) for x in userinfo.partition(":"))
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    request.add_unredirected_header("Authorization", f"Basic {token}")
+    return request
+
+
 def _source(mirror: str | None) -> tuple[str, str]:
     """``("url", base)`` or ``("dir", absolute folder)`` for a mirror; ``None`` is the release."""
     if mirror is None:
@@ -66,7 +98,7 @@ def _source(mirror: str | None) -> tuple[str, str]:
     if scheme in ("http", "https", "file"):
         return "url", mirror if mirror.endswith("/") else mirror + "/"
     if "://" in mirror:
-        raise DataError(f"mirror {mirror!r}: only http, https and file URLs are supported")
+        raise DataError(f"mirror {redact(mirror)!r}: only http, https and file URLs are supported")
     # A relative folder is taken relative to the working dir (the repo root for DVC stages).
     folder = Path(mirror).expanduser().resolve()
     if not folder.is_dir():
@@ -90,10 +122,11 @@ def _download(url: str, target: Path, progress: bool) -> None:
     )
 
     name = PurePosixPath(urllib.parse.urlsplit(url).path).name
+    shown = redact(url)
     try:
-        response = urllib.request.urlopen(url, timeout=60)  # scheme checked in _source
-    except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
-        raise DataError(f"{url}: download failed ({exc}); {FIX}") from exc
+        response = urllib.request.urlopen(_request(url), timeout=60)  # scheme checked in _source
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
+        raise DataError(f"{shown}: download failed ({redact(str(exc))}); {FIX}") from exc
     with response:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
@@ -114,9 +147,9 @@ def _download(url: str, target: Path, progress: bool) -> None:
                     received += len(chunk)
                     bar.advance(task, len(chunk))
             except (OSError, http.client.HTTPException) as exc:
-                raise DataError(f"{url}: download interrupted ({exc}); {FIX}") from exc
+                raise DataError(f"{shown}: download interrupted ({exc}); {FIX}") from exc
     if total is not None and received != total:
-        raise DataError(f"{url}: got {received} of {total} bytes (truncated download); {FIX}")
+        raise DataError(f"{shown}: got {received} of {total} bytes (truncated download); {FIX}")
 
 
 def _fetch_zip(kind: str, base: str, name: str, workdir: Path, progress: bool) -> Path:
@@ -388,7 +421,7 @@ def fetch_omniglot(
         _swap_in(staged, dest, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"source": base, **summary, "skipped": False}
+    return {"source": redact(base), **summary, "skipped": False}
 
 
 def download_stage(data: DataConfig, dest: Path) -> dict[str, Any]:

@@ -10,7 +10,6 @@ I/O here is limited to files the caller names; MLflow stays in the caller throug
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -23,6 +22,8 @@ from mamlops import maml, tracking
 from mamlops.checkpoint import (
     CHECKPOINT,
     load_checkpoint,
+    resume_key,
+    resume_mismatch,
     save_checkpoint,
     save_theta,
     theta_file,
@@ -97,8 +98,9 @@ def train(
 ) -> TrainResult:
     """Meta-train ``cfg`` and write ``out_dir/theta.safetensors`` and ``theta_best.safetensors``.
 
-    Resumes from ``checkpoint_dir/checkpoint.pt`` when it was written with the same config (a
-    checkpoint of other params is replaced, with a one-line notice). ``stop_after`` ends the
+    Resumes from ``checkpoint_dir/checkpoint.pt`` when it was written from the same config,
+    prepared data and training code (``checkpoint.resume_key``; any other checkpoint is
+    replaced, with a one-line notice). ``stop_after`` ends the
     loop early at that step (tests use it to simulate an interruption without killing it).
     """
     device = resolve_device(cfg.device)
@@ -119,11 +121,16 @@ def train(
 
     ckpt_path = checkpoint_dir / CHECKPOINT
     state = load_checkpoint(ckpt_path)
+    key = resume_key(cfg, prepared_dir)
     start, best_val, best_step, history = 0, -1.0, -1, []
-    if state is not None and state["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
-        # a run with other params (e.g. `dvc exp run -S ...` after a finished run): resuming
-        # would mix two configs, so this run starts from scratch and replaces the checkpoint
-        print(f"{ckpt_path} was written with other train params: starting from scratch")
+    best_params: dict[str, torch.Tensor] | None = None
+    seconds_before = 0.0  # training time of the sessions this checkpoint continues
+    why = resume_mismatch(state, key) if state is not None else None
+    if why:
+        # other params (`dvc exp run -S ...` after a finished run), another split, a code fix:
+        # resuming would continue a state this run did not produce, so it starts from scratch
+        # and replaces the checkpoint
+        print(f"{ckpt_path} {why}: starting from scratch")
         state = None
     if state is not None and state.get("sampler_device", "cpu") != device.type:
         # a generator's state is device-specific: a CPU run's cannot drive a CUDA generator
@@ -139,7 +146,8 @@ def train(
         opt.load_state_dict(state["optimizer"])
         sampler.generator.set_state(state["sampler_rng"])
         start, best_val, best_step = state["step"], state["best_val"], state["best_step"]
-        history = state["history"]
+        history, best_params = state["history"], state.get("best_params")
+        seconds_before = state.get("seconds", 0.0)
     resumed_from = start
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -147,8 +155,10 @@ def train(
         save_checkpoint(
             ckpt_path,
             {
-                "config": json.dumps(cfg.to_dict(), sort_keys=True),
+                "key": key,
                 "params": {k: v.detach().cpu() for k, v in params.items()},
+                "best_params": best_params,
+                "seconds": seconds_before + time.perf_counter() - t0,
                 "optimizer": opt.state_dict(),
                 "sampler_rng": sampler.generator.get_state(),
                 "sampler_device": device.type,
@@ -161,7 +171,9 @@ def train(
 
     end = cfg.iterations if stop_after is None else min(stop_after, cfg.iterations)
     bar = _Progress(cfg.iterations, start, enabled=progress)
-    t0, tasks_seen, loss_value, rate = time.perf_counter(), 0, float("nan"), 0.0
+    t0, rate = time.perf_counter(), 0.0
+    # the last logged loss (a resume of a finished run trains no step to read one from)
+    loss_value = next((row["loss"] for row in reversed(history) if "loss" in row), float("nan"))
     window_t, window_tasks = time.perf_counter(), 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16)
     defer, pending = device.type == "cuda", []  # losses not yet checked for NaN
@@ -180,7 +192,6 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             maml.clip_meta_grad(params, cfg.grad_clip or None)
-            tasks_seen += cfg.meta_batch
             window_tasks += cfg.meta_batch
             done = step + 1
             log_now = done % cfg.log_every == 0 or done == cfg.iterations
@@ -220,7 +231,8 @@ def train(
                 row = {**row, "step": done, "val_acc": val_acc}
                 if val_acc > best_val:
                     best_val, best_step = val_acc, done
-                    save_theta(params, theta_file(out_dir, "best"), cfg, done)
+                    best_params = {k: v.detach().cpu().clone() for k, v in params.items()}
+                    save_theta(best_params, theta_file(out_dir, "best"), cfg, done)
             if row:
                 history.append(row)
                 if on_metrics is not None:
@@ -234,15 +246,19 @@ def train(
     final_step = end
     if final_step > start or state is None:
         checkpoint(final_step)
-    if final_step == cfg.iterations:  # the last iteration always validates: theta_best exists
+    if final_step == cfg.iterations:
+        # both files every time, also when a resume finds the run already done: DVC deleted
+        # them before it ran the stage (the last iteration always validates, so a best exists)
         save_theta(params, theta_file(out_dir, "final"), cfg, final_step)
-    seconds = time.perf_counter() - t0
+        if best_params is not None:
+            save_theta(best_params, theta_file(out_dir, "best"), cfg, best_step)
+    seconds = seconds_before + time.perf_counter() - t0  # the whole run's, over its sessions
     return TrainResult(
         step=final_step,
         best_val_acc=best_val,
         best_step=best_step,
         final_loss=loss_value,
-        tasks_per_s=tasks_seen / max(seconds, 1e-9),
+        tasks_per_s=(final_step * cfg.meta_batch) / max(seconds, 1e-9),
         seconds=seconds,
         resumed_from=resumed_from,
         history=history,
