@@ -89,3 +89,78 @@ def test_stage_runs_nest_and_find_the_training_run(
     assert child.data.tags["dvc.stage"] == "evaluate@x"
     theta.write_bytes(b"other weights")
     assert tracking.find_training_run(theta, "best") is None
+
+
+def test_sigterm_marks_the_run_killed(store: str, tmp_path: Path) -> None:
+    """`kill <pid>` (SIGTERM) of a stage mid-run: the run ends KILLED, not RUNNING forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import mlflow
+
+    code = (
+        "import time\nfrom mamlops import tracking\n"
+        "with tracking.start_run('train@t', system_metrics=False) as run:\n"
+        "    print(run.info.run_id, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    run_id = proc.stdout.readline().strip()
+    assert run_id, "the child never started its run"
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert mlflow.get_run(run_id).info.status == "KILLED"
+
+
+def test_unreachable_server_fails_in_seconds(tmp_path: Path, monkeypatch) -> None:
+    """A dead MLFLOW_TRACKING_URI: `mamlops train` stops before training, in seconds, with one
+    line naming the server (without its credentials) and the fix; no traceback."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"http://me:SECRET@127.0.0.1:{port}"}
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "mamlops", "train", "omniglot-5w1s", "--params", str(params)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert time.monotonic() - t0 < 60  # was 251 s of retries, then a traceback
+    assert proc.returncode == 1
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert f"http://***@127.0.0.1:{port}" in err and "does not answer" in err
+    assert "SECRET" not in err
+
+
+def test_tracking_server_lost_mid_run_lets_training_go_on(monkeypatch, capsys) -> None:
+    """Decided: a tracking server dying mid-run costs the MLflow record, not the training. The
+    first failed call prints one line; later calls are skipped. A local store still raises."""
+    monkeypatch.setattr(tracking, "_LOST", [])
+    calls = []
+
+    @tracking._tolerant
+    def log(x: int) -> int:
+        calls.append(x)
+        raise ConnectionError("server went away")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:TOKEN@127.0.0.1:9")
+    assert log(1) is None and log(2) is None
+    assert calls == [1]  # skipped once tracking is lost
+    err = capsys.readouterr().err
+    assert err.count("going on without tracking") == 1 and "TOKEN" not in err
+    monkeypatch.setattr(tracking, "_LOST", [])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////nonexistent/mlflow.db")
+    with pytest.raises(ConnectionError):
+        log(3)

@@ -18,13 +18,17 @@ or tags, never single-value metrics.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from mamlops.errors import UserError
 
 EXPERIMENT = "mamlops"
 # MLflow 3 opens an experiment in its GenAI view (traces) unless this tag says otherwise
@@ -111,11 +115,47 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class TrackingError(UserError):
+    """The MLflow store cannot be reached; the message names it and the fix."""
+
+
+# MLflow's HTTP client retries a dead server for minutes (7 retries, exponential backoff, 120 s
+# timeouts); a stage should fail, or give up tracking, in seconds. A user's own values win.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+HEALTH_TIMEOUT_S = 5.0
+
+
+def check_store(uri: str) -> None:
+    """Fail in seconds, with one line, when a tracking server does not answer: before a stage
+    trains for an hour and then cannot record it (a file or SQLite store needs no check)."""
+    import urllib.error
+    import urllib.request
+
+    from mamlops.download import redact
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=HEALTH_TIMEOUT_S) as response:
+            response.read(64)
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or auth in front of /health): the server is up
+    except (OSError, ValueError) as exc:
+        raise TrackingError(
+            f"MLflow tracking server {redact(uri)} does not answer ({redact(str(exc))}); start "
+            "it, fix MLFLOW_TRACKING_URI, or unset it to use the local mlflow.db"
+        ) from exc
+
+
 def use_store() -> str:
     """Point MLflow's fluent API at this project's store (``tracking_uri``); returns it."""
     import mlflow
 
     uri = tracking_uri()
+    check_store(uri)
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -151,6 +191,39 @@ def experiment_id(
     return exp_id
 
 
+# the first failure of a tracking server during this process's run, once one happened
+_LOST: list[str] = []
+
+
+def _tolerant(fn):
+    """Training goes on when a tracking *server* dies mid-run (decided: the DVC outputs are the
+    record, MLflow a view of it): the first failed call prints one line, later calls are
+    skipped. A local store (SQLite, files) failing is a real error (disk full) and raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _LOST:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            uri = tracking_uri()
+            if not uri.startswith(("http://", "https://")):
+                raise
+            from mamlops.download import redact
+
+            _LOST.append(redact(str(exc))[:300])
+            print(
+                f"MLflow tracking server {redact(uri)} failed ({_LOST[0]}); going on without "
+                "tracking: theta, metrics/ and plots/ are still written, the MLflow run is "
+                "incomplete",
+                file=sys.stderr,
+            )
+            return None
+
+    return wrapper
+
+
 @contextlib.contextmanager
 def start_run(
     stage: str,
@@ -165,32 +238,54 @@ def start_run(
     """An MLflow run for one stage execution; a run that raises is marked FAILED.
 
     ``parent_run_id`` nests it under that run (evaluate and export under the training run):
-    a failure here marks this run FAILED, never the training run. KeyboardInterrupt (a killed
-    stage) is marked KILLED so resumes are easy to spot.
+    a failure here marks this run FAILED, never the training run. KeyboardInterrupt and SIGTERM
+    (a stopped stage) mark it KILLED, so an interrupted run never stays RUNNING.
     """
     import mlflow
 
     exp_id = experiment_id(uri=use_store())
-    run = mlflow.start_run(
-        experiment_id=exp_id,
-        run_name=run_name or stage,
-        parent_run_id=parent_run_id,
-        tags={**run_tags(stage), **(tags or {})},
-        description=description,
-        log_system_metrics=system_metrics,
-    )
+    with _sigterm_as_interrupt():
+        run = mlflow.start_run(
+            experiment_id=exp_id,
+            run_name=run_name or stage,
+            parent_run_id=parent_run_id,
+            tags={**run_tags(stage), **(tags or {})},
+            description=description,
+            log_system_metrics=system_metrics,
+        )
+        try:
+            if params:
+                mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+            yield run
+        except KeyboardInterrupt:
+            _tolerant(mlflow.end_run)(status="KILLED")
+            raise
+        except BaseException:
+            _tolerant(mlflow.end_run)(status="FAILED")
+            raise
+        else:
+            _tolerant(mlflow.end_run)(status="FINISHED")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a job scheduler, ``dvc queue kill``) ends the run like Ctrl-C: the run
+    is marked KILLED instead of staying RUNNING forever. Main thread only (signal handlers)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        if params:
-            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
-        yield run
-    except KeyboardInterrupt:
-        mlflow.end_run(status="KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run(status="FAILED")
-        raise
-    else:
-        mlflow.end_run(status="FINISHED")
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # the training loop's row keys -> metric names grouped by prefix in the MLflow UI
@@ -203,6 +298,7 @@ TRAIN_METRICS = {
 }
 
 
+@_tolerant
 def log_training_metrics(values: Mapping[str, float], step: int | None = None) -> None:
     """One row of the training loop (its ``on_metrics`` callback), under prefixed names."""
     import mlflow
@@ -211,6 +307,7 @@ def log_training_metrics(values: Mapping[str, float], step: int | None = None) -
     mlflow.log_metrics(named, step=step)
 
 
+@_tolerant
 def log_metrics(values: Mapping[str, float], step: int | None = None) -> None:
     """Numbers of the active run, names as given (callers prefix them)."""
     import mlflow
@@ -229,6 +326,7 @@ def log_to_finished_run(run_id: str, values: Mapping[str, float]) -> None:
     mlflow.MlflowClient(tracking_uri=tracking_uri()).log_batch(run_id, metrics=metrics)
 
 
+@_tolerant
 def set_tags(tags: Mapping[str, str]) -> None:
     """Tags of the active run."""
     import mlflow
@@ -236,6 +334,7 @@ def set_tags(tags: Mapping[str, str]) -> None:
     mlflow.set_tags(dict(tags))
 
 
+@_tolerant
 def log_artifacts(artifacts: list[tuple[Path, str]]) -> None:
     """``(file, artifact folder)`` pairs on the active run."""
     import mlflow
@@ -279,6 +378,7 @@ def folder_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+@_tolerant
 def log_dataset(folder: Path, name: str, context: str) -> None:
     """``log_input`` of a prepared data folder: its DVC hash (``dvc.lock``) as the digest, so
     the run's Datasets column says exactly which data it saw."""
