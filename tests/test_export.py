@@ -132,3 +132,19 @@ def test_onnx_predict_path_never_imports_torch(exported) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False", "torch was imported on the ONNX path"
+
+
+def test_opset_metadata_is_what_the_file_has(tmp_path: Path) -> None:
+    """An opset older than the exporter writes is refused with one line (it used to write 18
+    and label the file 7); an accepted one is read back from the graph for the metadata."""
+    from mamlops.config import MIN_OPSET
+    from mamlops.errors import UserError
+
+    clf = _random_classifier("omniglot", 5)
+    with pytest.raises(UserError, match=f"opset 7 is not supported.*{MIN_OPSET} or later"):
+        export_onnx(clf, tmp_path / "old.onnx", 7)
+    assert not (tmp_path / "old.onnx").exists()
+    path = export_onnx(clf, tmp_path / "m.onnx", MIN_OPSET)
+    model = onnx.load(str(path))
+    written = {o.domain: o.version for o in model.opset_import}[""]
+    assert {p.key: p.value for p in model.metadata_props}["opset"] == str(written)

@@ -504,13 +504,17 @@ class EvaluateConfig(_Fields):
         )
 
 
+DEFAULT_OPSET = 20  # the dynamo exporter's native opset: no version conversion pass needed
+MIN_OPSET = 18  # the dynamo exporter writes nothing older (asked for 7, it silently wrote 18)
+
+
 @dataclass(frozen=True)
 class ExportConfig(_Fields):
     """``export``: the demo classifier, its ONNX opset, and the registry."""
 
     checkpoint: str = "best"
     demo_episode: int = 0
-    opset: int = 20
+    opset: int = DEFAULT_OPSET
     register: bool = True
     alias: str = "champion"
 
@@ -521,7 +525,7 @@ class ExportConfig(_Fields):
         return cls(
             checkpoint=_theta_choice(sec, "export"),
             demo_episode=_int(sec, "demo_episode", "export", minimum=0),
-            opset=_int(sec, "opset", "export"),
+            opset=_int(sec, "opset", "export", minimum=MIN_OPSET),
             register=_require(sec, "register", bool, "export"),
             alias=_require(sec, "alias", str, "export"),
         )

@@ -29,15 +29,15 @@ from mamlops import tracking
 from mamlops.adapt import adapt_classifier
 from mamlops.checkpoint import theta_file
 from mamlops.classifier import Classifier, preprocessing_spec
-from mamlops.config import ExportConfig, TrainConfig
+from mamlops.config import DEFAULT_OPSET, MIN_OPSET, ExportConfig, TrainConfig
 from mamlops.episodes import episode_tasks, load_episodes
+from mamlops.errors import UserError
 from mamlops.files import atomic_write, write_json
 from mamlops.model import ConvNetConfig, forward_folded
 from mamlops.onnx_predict import OnnxClassifier
 from mamlops.prepare import read_classes
 from mamlops.splits import decode_class, read_splits
 
-DEFAULT_OPSET = 20  # the dynamo exporter's native opset: no version conversion pass needed
 INPUT_NAME = "x"
 OUTPUT_NAME = "probabilities"
 PARITY_ATOL = 1e-5  # onnxruntime vs PyTorch, probabilities in float32
@@ -96,8 +96,14 @@ def onnx_metadata(classifier: Classifier, opset: int) -> dict[str, str]:
 def export_onnx(classifier: Classifier, out_path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
     """Write ``classifier`` as one ONNX file (no external data) with a dynamic batch dimension.
 
-    Traced with a batch of 2: a batch of 1 lets the exporter specialise the batch size.
+    Traced with a batch of 2: a batch of 1 lets the exporter specialise the batch size. The
+    ``opset`` metadata is the one the file has, read back from the graph.
     """
+    if opset < MIN_OPSET:
+        raise UserError(
+            f"ONNX opset {opset} is not supported: the exporter writes opset {MIN_OPSET} or "
+            f"later (default {DEFAULT_OPSET}); onnxruntime 1.16+ runs them"
+        )
     cfg = classifier.model_cfg
     module = folded_module(classifier)
     sample = torch.rand(2, cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -114,8 +120,9 @@ def export_onnx(classifier: Classifier, out_path: str | Path, opset: int = DEFAU
         verbose=False,
     )
     proto = program.model_proto
+    written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     del proto.metadata_props[:]
-    for key, value in onnx_metadata(classifier, opset).items():
+    for key, value in onnx_metadata(classifier, written).items():
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = f"mamlops {classifier.model_cfg.ways}-way {classifier.dataset} classifier"
     onnx.checker.check_model(proto, full_check=True)
