@@ -141,3 +141,16 @@ def test_bad_inputs(trained_theta, characters, tmp_path) -> None:
     with pytest.raises(AdaptInputError, match="not found"):
         predict_paths(clf, [tmp_path / "missing.png"])
     assert issubclass(AdaptInputError, ValueError)
+
+
+def test_provenance_names_files_not_paths(trained_theta, characters, tmp_path: Path) -> None:
+    """What a classifier publishes (ONNX metadata, /metadata) names its inputs but never the
+    adapting machine's folders."""
+    import json
+
+    support, _ = split_folders(characters, tmp_path / "private", 1)
+    clf = adapt_folder(support, trained_theta.path)
+    text = json.dumps(clf.provenance)
+    assert str(tmp_path) not in text and "/private/" not in text
+    assert clf.provenance["support_dir"] == "support"
+    assert clf.provenance["meta_model"] == trained_theta.path.name

@@ -118,7 +118,9 @@ def adapt_folder(
         steps=steps,
         lr=lr,
         provenance={
-            "support_dir": str(Path(support_dir).resolve()),
+            # names, not paths: a published classifier must not reveal the adapting machine's
+            # folders (its metadata is served on /metadata); the sha256 identifies the model
+            "support_dir": Path(support_dir).resolve().name,
             "shots_per_class": shots,
             "balanced_shots": len(set(shots.values())) == 1,
         },
@@ -185,7 +187,7 @@ def adapt_classifier(
         dataset=dataset,
         meta_model_sha256=file_sha256(meta_path),
         provenance={
-            "meta_model": str(meta_path),
+            "meta_model": Path(meta_path).name,
             "meta_setting": train_cfg.get("name"),
             "meta_ways": model_cfg.ways,
             "steps": steps,
