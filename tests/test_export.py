@@ -148,3 +148,29 @@ def test_opset_metadata_is_what_the_file_has(tmp_path: Path) -> None:
     model = onnx.load(str(path))
     written = {o.domain: o.version for o in model.opset_import}[""]
     assert {p.key: p.value for p in model.metadata_props}["opset"] == str(written)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("params", "{not json", "bad mamlops metadata"),
+        ("params", "[1, 2]", "must be JSON objects"),
+        ("labels", '["a", "b", "c"]', r"gives \(1, 5\) for one image, expected \(1, 3\)"),
+        ("labels", '["a", "a", "b", "c", "d"]', "distinct strings"),
+        ("input_size", "32", "does not take its metadata's input shape"),
+        ("dataset", "cifar", "unknown dataset 'cifar'"),
+    ],
+)
+def test_a_model_that_cannot_serve_is_refused_at_load(exported, tmp_path, key, value, why):
+    """Metadata that is not what mamlops writes, or a graph that does not match it, is refused
+    when the model is loaded (the server used to answer 500 on every request instead)."""
+    from mamlops.onnx_predict import OnnxClassifier, OnnxModelError
+
+    model = onnx.load(str(exported[2]))
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(OnnxModelError, match=why):
+        OnnxClassifier(path)

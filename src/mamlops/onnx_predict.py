@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from mamlops import preprocess
+from mamlops import datasets, preprocess
 from mamlops.errors import UserError
 
 Prediction = dict[str, Any]
@@ -54,11 +54,45 @@ class OnnxClassifier:
             self.image_size = int(meta["input_size"])
             self.channels = int(meta["channels"])
             self.normalisation: dict[str, Any] = json.loads(meta["normalisation"])
-        except (KeyError, ValueError) as exc:
+            self.params: dict[str, Any] = json.loads(meta.get("params", "{}"))
+        except (KeyError, ValueError, TypeError) as exc:
             raise OnnxModelError(f"{self.path}: missing or bad mamlops metadata ({exc})") from exc
         self.raw_metadata = dict(meta)
+        self._check()
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+
+    def _check(self) -> None:
+        """Refuse at load, with the reason, what would otherwise fail on every request: bad
+        metadata values, or a graph whose input/output do not match its own metadata (another
+        model carrying mamlops metadata). One inference on a blank image proves the graph."""
+
+        def bad(why: str) -> OnnxModelError:
+            return OnnxModelError(f"{self.path}: not a mamlops classifier: {why}")
+
+        labels = self.labels
+        if (
+            not labels
+            or not all(isinstance(x, str) for x in labels)
+            or len(set(labels)) < len(labels)
+        ):
+            raise bad("'labels' metadata must be a non-empty list of distinct strings")
+        if not isinstance(self.params, dict) or not isinstance(self.normalisation, dict):
+            raise bad("'params' and 'normalisation' metadata must be JSON objects")
+        if self.dataset not in datasets.NAMES:
+            raise bad(f"unknown dataset {self.dataset!r} in its metadata")
+        if not (0 < self.channels <= 4 and 0 < self.image_size <= 1024):
+            raise bad(f"input {self.channels}x{self.image_size}x{self.image_size} out of range")
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1 or inputs[0].type != "tensor(float)":
+            raise bad("the graph must take one float tensor and give one output")
+        x = np.zeros((1, self.channels, self.image_size, self.image_size), np.float32)
+        try:
+            (probs,) = self.session.run(None, {inputs[0].name: x})
+        except Exception as exc:  # onnxruntime's own error types
+            raise bad(f"the graph does not take its metadata's input shape ({exc})") from exc
+        if probs.shape != (1, len(labels)) or not np.all(np.isfinite(probs)):
+            raise bad(f"the graph gives {probs.shape} for one image, expected (1, {len(labels)})")
 
     @property
     def name(self) -> str:
@@ -80,7 +114,7 @@ class OnnxClassifier:
             "output": {"name": self.output_name, "shape": ["batch", len(self.labels)]},
             "model_sha256": self.sha256,
             "meta_model_sha256": meta.get("meta_model_sha256"),
-            "params": json.loads(meta.get("params", "{}")),
+            "params": self.params,
             "mamlops_version": meta.get("mamlops_version"),
             "opset": meta.get("opset"),
         }
