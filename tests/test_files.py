@@ -67,3 +67,65 @@ def test_write_safetensors_is_byte_identical_across_processes(tmp_path) -> None:
         }
     header_size = int.from_bytes(paths[0].read_bytes()[:8], "little")
     assert header_size % 8 == 0
+
+
+def test_a_zombie_process_counts_as_gone(tmp_path) -> None:
+    """kill -9 of a stage whose parent has not reaped it yet leaves a zombie: its work folder is
+    abandoned all the same (it used to be kept as 'alive' for as long as the parent lived)."""
+    import os
+    import socket
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from mamlops.files import process_alive, sweep_abandoned
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        assert process_alive(child.pid)
+        os.kill(child.pid, 9)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.01)
+        assert not process_alive(child.pid)  # a zombie: not reaped, but gone
+        dest = tmp_path / "omniglot"
+        work = tmp_path / f".omniglot-tmp-{socket.gethostname()}-{child.pid}-x1"
+        (work / "half").mkdir(parents=True)
+        assert sweep_abandoned(dest) == [work] and not work.exists()
+    finally:
+        child.wait()
+
+
+def test_prepare_sweeps_what_a_killed_prepare_left(tmp_path) -> None:
+    """prepare's work folders carry host and pid too, so a later prepare removes those of dead
+    processes (they used to stay forever) and never those of live ones."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from mamlops.prepare import staged_dir
+
+    dead = int(
+        subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    host = socket.gethostname()
+    out = tmp_path / "prepared"
+    left = [tmp_path / f".prepared-{kind}-{host}-{dead}-zz" for kind in ("tmp", "old")]
+    live = tmp_path / f".prepared-tmp-{host}-{os.getpid()}-zz"
+    for path in (*left, live):
+        path.mkdir()
+    with staged_dir(out) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (out / "a.txt").read_text() == "new"
+    assert not any(p.exists() for p in left) and live.exists()
+    with staged_dir(out) as tmp:  # replacing an existing folder leaves no .old- folder
+        (tmp / "a.txt").write_text("newer")
+    assert (out / "a.txt").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["prepared", live.name])

@@ -19,8 +19,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
-import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
@@ -32,6 +30,7 @@ from PIL import Image
 
 from mamlops.config import DataConfig
 from mamlops.errors import DataError
+from mamlops.files import sweep_abandoned, work_dir
 
 OFFICIAL_BASE = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 ENV_MIRROR = "MAMLOPS_DATA_MIRROR"
@@ -344,41 +343,6 @@ def _swap_in(staged: Path, dest: Path, workdir: Path) -> None:
         staged.rename(dest)
 
 
-def _tmp_prefix(dest: Path) -> str:
-    """Work folders are named after host and pid, so a later run can tell an abandoned one
-    (its process is gone, e.g. killed with SIGKILL) from one in use."""
-    return f".{dest.name}-tmp-{socket.gethostname()}-{os.getpid()}-"
-
-
-def sweep_abandoned(dest: Path) -> list[Path]:
-    """Remove work folders beside ``dest`` left by dead download processes of this host.
-
-    Folders of live processes, of other hosts (a shared file system) and of unknown naming are
-    left alone. Returns what was removed.
-    """
-    removed = []
-    host, prefix = socket.gethostname(), f".{Path(dest).name}-tmp-"
-    for path in Path(dest).parent.glob(prefix + "*"):
-        # host-pid-suffix: a host name may contain dashes, the pid and mkdtemp's suffix do not
-        parts = path.name[len(prefix) :].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-            continue
-        if not _process_alive(int(parts[1])):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
 def fetch_omniglot(
     dest: Path, mirror: str | None = None, *, force: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -398,7 +362,7 @@ def fetch_omniglot(
     kind, base = _source(mirror)
     dest.parent.mkdir(parents=True, exist_ok=True)
     sweep_abandoned(dest)
-    workdir = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dest), dir=dest.parent))
+    workdir = work_dir(dest)
     try:
         # Fetch and open both zips before extracting so a bad container fails fast.
         archives = [

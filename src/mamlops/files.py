@@ -1,13 +1,18 @@
 """Atomic file writes: every output goes to a temporary file beside its target, then a rename.
 
 A crash, a kill or a full disk mid-write then leaves the earlier file intact rather than a
-half-written one that DVC would hash and later stages would trust.
+half-written one that DVC would hash and later stages would trust. Whole folders (the
+downloaded data set, the prepared data) are built in a work folder beside their target
+(``work_dir``), named after host and pid so that a later run sweeps the ones a killed process
+left behind (``sweep_abandoned``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +42,50 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def work_dir(dest: str | Path, kind: str = "tmp") -> Path:
+    """A new empty folder beside ``dest``: ``.<name>-<kind>-<host>-<pid>-<random>``."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{dest.name}-{kind}-{socket.gethostname()}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
+
+
+def sweep_abandoned(dest: str | Path, kinds: tuple[str, ...] = ("tmp", "old")) -> list[Path]:
+    """Remove ``work_dir`` folders beside ``dest`` whose process on this host is gone.
+
+    Folders of live processes, of other hosts (a shared file system) and of unknown naming are
+    left alone. Returns what was removed.
+    """
+    dest, removed, host = Path(dest), [], socket.gethostname()
+    for kind in kinds:
+        prefix = f".{dest.name}-{kind}-"
+        for path in sorted(dest.parent.glob(prefix + "*")):
+            # host-pid-suffix: a host name may contain dashes, the pid and mkdtemp's suffix do not
+            parts = path.name[len(prefix) :].rsplit("-", 2)
+            if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+                continue
+            if not process_alive(int(parts[1])):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs. A zombie (killed, not yet reaped by its parent) does not: it will
+    never touch its work folder again."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): trust kill(0)
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def write_safetensors(

@@ -39,6 +39,7 @@ from mamlops import datasets
 from mamlops.config import EpisodeConfig, PrepareConfig
 from mamlops.episodes import IMAGES_FILE, write_episode_files
 from mamlops.errors import DataError
+from mamlops.files import sweep_abandoned, work_dir
 from mamlops.preprocess import load_image
 from mamlops.splits import (
     SPLITS,
@@ -57,22 +58,23 @@ OMNIGLOT = datasets.OMNIGLOT
 
 @contextmanager
 def staged_dir(out_dir: str | Path) -> Iterator[Path]:
-    """A fresh temporary sibling of ``out_dir``, renamed to ``out_dir`` on success."""
+    """A fresh work folder beside ``out_dir`` (``files.work_dir``), renamed to ``out_dir`` on
+    success; folders that killed runs left beside it are swept first."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    sweep_abandoned(out_dir)
+    tmp = work_dir(out_dir)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    old = None
     if out_dir.exists():
-        out_dir.rename(old)
+        old = work_dir(out_dir, "old")
+        out_dir.rename(old / out_dir.name)
     tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _workers(workers: int | None) -> int:
