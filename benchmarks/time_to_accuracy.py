@@ -153,9 +153,12 @@ def table(rows: list[dict], setting: str, changed: dict[str, dict], threshold: f
         if "eval/acc_transductive" in m:
             test = f"{100 * m['eval/acc_transductive']:.2f} / {100 * m['eval/acc_support']:.2f}"
         over = ", ".join(f"{k}={v}" for k, v in changed[row["recipe"]].items()) or "(preset)"
+        # the whole run's rate (train_stage logs its training seconds), not the last window's
+        tasks = int(p["train.iterations"]) * int(p["train.meta_batch"])
+        rate = tasks / m["train/seconds"] if m.get("train/seconds") else float("nan")
         lines.append(
             f"| {row['recipe']} | {over} | {p['train.iterations']} × {p['train.meta_batch']} "
-            f"| {row['minutes']:.1f} | {m.get('train/tasks_per_s', float('nan')):.1f} "
+            f"| {row['minutes']:.1f} | {rate:.1f} "
             f"| {'–' if reach is None else f'{reach:.0f}'} | {100 * best:.2f} | {test} |"
         )
     return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ def log_run(client, exp_id, name, meta_batch, val, test=None):
     rid = run.info.run_id
     params = [Param("train.meta_batch", str(meta_batch)), Param("train.iterations", "40")]
     metrics = [Metric("val/acc", a, 1_000_000 + int(1000 * s), step) for step, s, a in val]
-    metrics.append(Metric("train/tasks_per_s", 12.5, 1_000_000, 40))
+    metrics.append(Metric("train/seconds", 40 * meta_batch / 12.5, 1_000_000, 0))
     if test:
         metrics += [Metric("eval/acc_transductive", test[0], 1, 0)]
         metrics += [Metric("eval/acc_support", test[1], 1, 0)]
@@ -60,7 +60,7 @@ def test_report_reads_runs_and_times_the_threshold(store: MlflowClient) -> None:
     # first val >= 95%: step 40 at 61 s for slow, step 20 at 10 s for fast
     assert "| 61 | 95.50 | 96.00 / 94.00 |" in slow_line and "(preset)" in slow_line
     assert "| 10 | 97.00 | – |" in fast_line and "meta_batch=16" in fast_line
-    assert "| 40 × 16 |" in fast_line
+    assert "| 40 × 16 | 2.0 | 12.5 |" in fast_line  # run minutes, whole-run tasks/s
 
 
 def test_report_writes_the_table_and_plot(store: MlflowClient, capsys) -> None:
