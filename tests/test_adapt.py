@@ -154,3 +154,32 @@ def test_provenance_names_files_not_paths(trained_theta, characters, tmp_path: P
     assert str(tmp_path) not in text and "/private/" not in text
     assert clf.provenance["support_dir"] == "support"
     assert clf.provenance["meta_model"] == trained_theta.path.name
+
+
+def test_diverged_weights_are_never_saved_or_loaded(trained_theta, characters, tmp_path) -> None:
+    """`mamlops adapt --lr 1e30` used to save an all-NaN classifier with status 0: now one line,
+    status 1, no file; and a NaN file made elsewhere is refused when loaded."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from mamlops.errors import UserError
+    from mamlops.files import read_safetensors, write_safetensors
+
+    support, _ = split_folders(characters, tmp_path, 1)
+    out = tmp_path / "nan.safetensors"
+    cmd = [sys.executable, "-m", "mamlops", "adapt", str(support), "--meta"]
+    cmd += [str(trained_theta.path), "--out", str(out), "--lr", "1e30"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "NaN or inf" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+    with pytest.raises(UserError, match="NaN or inf"):
+        write_safetensors(out, {"w": torch.tensor([1.0, float("nan")])})
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.tensor([float("inf")])}, str(out))  # as another tool would
+    with pytest.raises(ValueError, match="'w' holds NaN or inf"):
+        read_safetensors(out)

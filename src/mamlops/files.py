@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mamlops.errors import UserError
+
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic);
@@ -99,6 +101,7 @@ def write_safetensors(
     """
     from safetensors.torch import save
 
+    _check_finite(tensors, path, UserError)
     blob = save(tensors, metadata)
     size = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8 : 8 + size])
@@ -120,9 +123,24 @@ def read_safetensors(
         raise error(f"{path}: file not found")
     try:
         with safe_open(str(path), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata() or {}
+            tensors, metadata = {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise error(f"{path}: not a safetensors file ({exc})") from None
+    _check_finite(tensors, path, error)
+    return tensors, metadata
+
+
+def _check_finite(tensors: dict[str, Any], path: str | Path, error: type[Exception]) -> None:
+    """Weights with NaN or inf (a diverged run, ``adapt --lr 1e30``) are refused where they are
+    saved and where they are loaded: a classifier of NaNs would answer every request wrongly."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise error(
+                f"{path}: tensor {name!r} holds NaN or inf values (diverged weights); retrain "
+                "or adapt with a smaller learning rate"
+            )
 
 
 def _umask() -> int:
