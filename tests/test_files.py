@@ -129,3 +129,14 @@ def test_prepare_sweeps_what_a_killed_prepare_left(tmp_path) -> None:
         (tmp / "a.txt").write_text("newer")
     assert (out / "a.txt").read_text() == "newer"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["prepared", live.name])
+
+
+def test_writing_onto_a_folder_names_it(tmp_path) -> None:
+    """`export --out <folder>` used to end in IsADirectoryError's traceback."""
+    from mamlops.errors import UserError
+    from mamlops.files import write_json
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError, match="out is a folder; give a file name"):
+        write_json(tmp_path / "out", {"a": 1})
+    assert list((tmp_path / "out").iterdir()) == []
