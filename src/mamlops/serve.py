@@ -21,10 +21,12 @@ import copy
 import io
 import socket
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -249,9 +251,18 @@ def binary_file_fields(openapi: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _decode(uploads: list[tuple[str, bytes]]) -> list[Image.Image]:
-    """Decode every upload fully now, so a truncated or non-image file is a 400 here."""
-    images = []
+# Full-size decoded images alive at once in this process: each request decodes one image at a
+# time and shrinks it to the model's input before the next, and at most this many requests
+# decode at the same time, so the peak is about DECODE_SLOTS x MAX_PIXELS x 4 bytes (268 MB),
+# whatever the number of images per request or of concurrent clients.
+DECODE_SLOTS = 2
+_decoding = threading.BoundedSemaphore(DECODE_SLOTS)
+
+
+def _decode(uploads: list[tuple[str, bytes]], clf: OnnxClassifier) -> np.ndarray:
+    """Every upload decoded and preprocessed to the model's input [N, C, H, W], one at a time:
+    a truncated or non-image file is a 400 here, an oversized one a 413 before decoding."""
+    rows = []
     for name, data in uploads:
         if not data:
             raise _bad(400, f"{name}: empty file")
@@ -259,11 +270,15 @@ def _decode(uploads: list[tuple[str, bytes]]) -> list[Image.Image]:
             im = Image.open(io.BytesIO(data))
             if im.width * im.height > MAX_PIXELS:
                 raise _bad(413, f"{name}: {im.width}x{im.height} image is too large to decode")
-            im.load()
+            with _decoding:
+                im.load()
+                rows.append(clf.preprocess([im]))
+            del im
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise _bad(400, f"{name}: not a readable image ({type(exc).__name__})") from exc
-        images.append(im)
-    return images
+        except UserError as exc:  # preprocess.ImageError: a mode or shape it cannot convert
+            raise _bad(400, f"{name}: {exc}") from exc
+    return np.concatenate(rows)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -327,11 +342,8 @@ def create_app(
         if k < 1:
             raise _bad(400, "top_k must be at least 1")
         uploads = [(f.filename or "upload", await f.read()) for f in files]
-        images = await run_in_threadpool(_decode, uploads)
-        try:
-            preds = await run_in_threadpool(clf.predict_images, images, k)
-        except ValueError as exc:
-            raise _bad(400, f"could not preprocess the images: {exc}") from exc
+        x = await run_in_threadpool(_decode, uploads, clf)
+        preds = clf.describe(await run_in_threadpool(clf.predict_array, x), k)
         return PredictResponse(
             model=clf.name,
             model_sha256=clf.sha256,
