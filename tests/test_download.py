@@ -26,6 +26,7 @@ from PIL import Image
 from mamlops import download
 from mamlops.config import DataConfig, load_params
 from mamlops.download import DataError, fetch_omniglot, resolve_mirror, verify_omniglot
+from mamlops.urls import redact
 
 MIRROR = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 REPO = Path(__file__).resolve().parents[1]
@@ -418,4 +419,4 @@ def test_mirror_credentials_are_sent_as_basic_auth_and_never_shown(tmp_path: Pat
     with pytest.raises(DataError) as scheme:
         download._source("ftp://me:TOPSECRET@host/")
     assert "TOPSECRET" not in str(scheme.value)
-    assert download.redact("https://host/p?q=1") == "https://host/p?q=1"
+    assert redact("https://host/p?q=1") == "https://host/p?q=1"

@@ -22,7 +22,7 @@ from mamlops.config import Layout
 
 PKG = REPO / "src" / "mamlops"
 # atomic writes, one-line error reporting, MLflow logging, glibc malloc settings
-NO_OUTPUT_EFFECT = {"files", "errors", "tracking", "malloc"}
+NO_OUTPUT_EFFECT = {"files", "errors", "tracking", "malloc", "urls"}
 STAGES = ("download", "prepare", "train", "evaluate", "export")
 
 

@@ -13,7 +13,6 @@ the final ``rename`` is atomic) and swapped in only after it verified.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
 import json
@@ -31,6 +30,7 @@ from PIL import Image
 from mamlops.config import DataConfig
 from mamlops.errors import DataError
 from mamlops.files import sweep_abandoned, work_dir
+from mamlops.urls import redact, request
 
 OFFICIAL_BASE = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 ENV_MIRROR = "MAMLOPS_DATA_MIRROR"
@@ -56,37 +56,6 @@ def resolve_mirror(params_mirror: str | None, flag: str | None = None) -> str | 
         if value and value.strip():
             return value.strip()
     return None
-
-
-def redact(url: str) -> str:
-    """``url`` safe to print or log: its userinfo (user name, password, token) becomes ``***``.
-
-    A mirror may carry credentials (``https://user:TOKEN@host/omniglot/``); every message and
-    log line that names a URL goes through here, so the token never reaches a terminal, a CI
-    log or MLflow.
-    """
-    parts = urllib.parse.urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rpartition("@")[2]  # a lone user name can be a token too
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
-
-
-def _request(url: str) -> urllib.request.Request:
-    """A request for ``url`` with its userinfo moved into an ``Authorization: Basic`` header.
-
-    urllib does not understand userinfo: it would take ``user:TOKEN@host`` for a host name (and
-    print it in its errors), so credentials are parsed here and the URL sent without them.
-    """
-    parts = urllib.parse.urlsplit(url)
-    if "@" not in parts.netloc:
-        return urllib.request.Request(url)
-    userinfo, _, host = parts.netloc.rpartition("@")
-    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)))
-    user, _, password = (urllib.parse.unquote(x) for x in userinfo.partition(":"))
-    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-    request.add_unredirected_header("Authorization", f"Basic {token}")
-    return request
 
 
 def _source(mirror: str | None) -> tuple[str, str]:
@@ -123,7 +92,7 @@ def _download(url: str, target: Path, progress: bool) -> None:
     name = PurePosixPath(urllib.parse.urlsplit(url).path).name
     shown = redact(url)
     try:
-        response = urllib.request.urlopen(_request(url), timeout=60)  # scheme checked in _source
+        response = urllib.request.urlopen(request(url), timeout=60)  # scheme checked in _source
     except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
         raise DataError(f"{shown}: download failed ({redact(str(exc))}); {FIX}") from exc
     with response:

@@ -131,7 +131,7 @@ def check_store(uri: str) -> None:
     import urllib.error
     import urllib.request
 
-    from mamlops.download import redact
+    from mamlops.urls import redact
 
     if not uri.startswith(("http://", "https://")):
         return
@@ -210,7 +210,7 @@ def _tolerant(fn):
             uri = tracking_uri()
             if not uri.startswith(("http://", "https://")):
                 raise
-            from mamlops.download import redact
+            from mamlops.urls import redact
 
             _LOST.append(redact(str(exc))[:300])
             print(
