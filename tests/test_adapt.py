@@ -16,7 +16,8 @@ from mamlops.adapt import (
     evaluate_folder,
     predict_paths,
 )
-from mamlops.classifier import Classifier, file_sha256
+from mamlops.classifier import Classifier
+from mamlops.files import file_sha256
 
 # five characters of the Omniglot evaluation alphabets (Vinyals test split), one per alphabet
 CHARACTERS = (

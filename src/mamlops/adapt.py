@@ -30,8 +30,9 @@ import torch
 
 from mamlops import maml
 from mamlops.checkpoint import load_theta
-from mamlops.classifier import Classifier, file_sha256
+from mamlops.classifier import Classifier
 from mamlops.errors import UserError
+from mamlops.files import file_sha256
 from mamlops.model import ConvNetConfig, batch_stats, forward
 from mamlops.preprocess import ImageError, read_image, to_float
 

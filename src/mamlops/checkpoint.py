@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,13 @@ import torch
 
 from mamlops.config import THETA_CHOICES, TrainConfig
 from mamlops.errors import UserError
-from mamlops.files import atomic_write, read_safetensors, write_safetensors
+from mamlops.files import (
+    atomic_write,
+    files_digest,
+    folder_digest,
+    read_safetensors,
+    write_safetensors,
+)
 from mamlops.model import ConvNetConfig, Params
 
 CHECKPOINT = "checkpoint.pt"
@@ -101,16 +106,6 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _digest(paths: list[Path], root: Path) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.relative_to(root).as_posix().encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def resume_key(cfg: TrainConfig, prepared_dir: Path) -> dict[str, str]:
     """What a training run's result depends on: its config, the prepared data (every file of
     ``prepared_dir``, about 0.1 s for Omniglot) and the training code (``TRAINING_CODE``). A
@@ -120,8 +115,8 @@ def resume_key(cfg: TrainConfig, prepared_dir: Path) -> dict[str, str]:
     package = Path(__file__).parent
     return {
         "config": json.dumps(cfg.to_dict(), sort_keys=True),
-        "data": _digest(sorted(p for p in prepared_dir.rglob("*") if p.is_file()), prepared_dir),
-        "code": _digest([package / name for name in TRAINING_CODE], package),
+        "data": folder_digest(prepared_dir),
+        "code": files_digest([package / name for name in TRAINING_CODE], package),
     }
 
 

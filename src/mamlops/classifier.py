@@ -8,7 +8,6 @@ pickle so that loading a file someone hands you cannot run code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,15 +46,6 @@ def preprocessing_spec(dataset: str) -> dict[str, Any]:
         "layout": "NCHW",
         "dtype": "float32",
     }
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks; identifies the meta-model a classifier came from."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def expected_shapes(cfg: ConvNetConfig) -> dict[str, tuple[int, ...]]:

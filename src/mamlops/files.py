@@ -9,12 +9,13 @@ left behind (``sweep_abandoned``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,30 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in chunks: identifies a theta file or a meta-model."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_digest(paths: Iterable[Path], root: Path) -> str:
+    """SHA-256 over the files' names relative to ``root`` and their contents, in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).relative_to(root).as_posix().encode() + b"\0")
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def folder_digest(folder: str | Path) -> str:
+    """``files_digest`` of every file under ``folder`` (when DVC has no hash for it)."""
+    folder = Path(folder)
+    return files_digest(sorted(p for p in folder.rglob("*") if p.is_file()), folder)
 
 
 def work_dir(dest: str | Path, kind: str = "tmp") -> Path:

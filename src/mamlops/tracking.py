@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mamlops.errors import UserError
+from mamlops.files import file_sha256, folder_digest
 
 EXPERIMENT = "mamlops"
 # MLflow 3 opens an experiment in its GenAI view (traces) unless this tag says otherwise
@@ -343,14 +343,6 @@ def log_artifacts(artifacts: list[tuple[Path, str]]) -> None:
         mlflow.log_artifact(str(path), folder)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dvc_hash(path: Path, lock: Path = Path("dvc.lock")) -> str | None:
     """The md5 DVC recorded in ``dvc.lock`` for the output ``path``, if any stage wrote it."""
     import yaml
@@ -367,15 +359,6 @@ def dvc_hash(path: Path, lock: Path = Path("dvc.lock")) -> str | None:
             if out.get("path") == want and out.get("md5"):
                 return str(out["md5"])
     return None
-
-
-def folder_digest(folder: Path) -> str:
-    """SHA-256 over the folder's relative file names and contents (when DVC has no hash)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update(file_sha256(path).encode())
-    return digest.hexdigest()
 
 
 @_tolerant
