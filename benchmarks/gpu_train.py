@@ -162,7 +162,6 @@ class Trainer:
             "params": {k: v.detach().cpu() for k, v in self.params.items()},
             "optimizer": self.opt.state_dict(),
             "sampler_rng": self.sampler.generator.get_state(),
-            "sampler_device": self.device.type,
             "step": step,
             "best_val": best_val,
             "best_step": best_step,
@@ -240,7 +239,7 @@ def train(args, cfg: TrainConfig, device: torch.device, out: Path) -> dict:
     ckpt = out / "checkpoint.pt"
     start, best_val, best_step, history, offset = 0, -1.0, -1, [], 0.0
     state = load_checkpoint(ckpt)
-    key = resume_key(cfg, args.prepared)
+    key = resume_key(cfg, args.prepared, device.type)
     if state is not None and resume_mismatch(state, key) is None:
         with torch.no_grad():
             for k, v in state["params"].items():

@@ -106,17 +106,19 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def resume_key(cfg: TrainConfig, prepared_dir: Path) -> dict[str, str]:
+def resume_key(cfg: TrainConfig, prepared_dir: Path, device_type: str) -> dict[str, str]:
     """What a training run's result depends on: its config, the prepared data (every file of
     ``prepared_dir``, about 0.1 s for Omniglot) and the training code (``TRAINING_CODE``). A
     checkpoint resumes only a run with the same key, so a changed split or a code fix never
-    continues from a state it did not produce."""
+    continues from a state it did not produce. ``device_type`` too: the task sampler's generator
+    state is device-specific (a CPU run's cannot drive a CUDA generator)."""
     prepared_dir = Path(prepared_dir)
     package = Path(__file__).parent
     return {
         "config": json.dumps(cfg.to_dict(), sort_keys=True),
         "data": folder_digest(prepared_dir),
         "code": files_digest([package / name for name in TRAINING_CODE], package),
+        "device": device_type,
     }
 
 
@@ -127,6 +129,7 @@ def resume_mismatch(state: dict[str, Any], key: dict[str, str]) -> str | None:
         ("config", "other train params"),
         ("data", "other prepared data"),
         ("code", "other training code"),
+        ("device", "another device type"),
     ):
         if saved.get(part) != key[part]:
             return f"was written with {what}"

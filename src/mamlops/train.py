@@ -121,23 +121,16 @@ def train(
 
     ckpt_path = checkpoint_dir / CHECKPOINT
     state = load_checkpoint(ckpt_path)
-    key = resume_key(cfg, prepared_dir)
+    key = resume_key(cfg, prepared_dir, device.type)
     start, best_val, best_step, history = 0, -1.0, -1, []
     best_params: dict[str, torch.Tensor] | None = None
     seconds_before = 0.0  # training time of the sessions this checkpoint continues
     why = resume_mismatch(state, key) if state is not None else None
     if why:
-        # other params (`dvc exp run -S ...` after a finished run), another split, a code fix:
-        # resuming would continue a state this run did not produce, so it starts from scratch
-        # and replaces the checkpoint
+        # other params (`dvc exp run -S ...` after a finished run), another split, a code fix,
+        # a CPU checkpoint on a GPU: resuming would continue a state this run did not produce,
+        # so it starts from scratch and replaces the checkpoint
         print(f"{ckpt_path} {why}: starting from scratch")
-        state = None
-    if state is not None and state.get("sampler_device", "cpu") != device.type:
-        # a generator's state is device-specific: a CPU run's cannot drive a CUDA generator
-        print(
-            f"{ckpt_path} was written on {state.get('sampler_device', 'cpu')}, this run is on "
-            f"{device.type}: starting from scratch"
-        )
         state = None
     if state is not None:
         with torch.no_grad():
@@ -161,7 +154,6 @@ def train(
                 "seconds": seconds_before + time.perf_counter() - t0,
                 "optimizer": opt.state_dict(),
                 "sampler_rng": sampler.generator.get_state(),
-                "sampler_device": device.type,
                 "step": step,
                 "best_val": best_val,
                 "best_step": best_step,
