@@ -74,6 +74,8 @@ def run(args: argparse.Namespace) -> None:
             cmd += ["-S", s]
         dvc(*cmd)
         print(f"queued {exp}: {', '.join(f'{k}={v}' for k, v in values.items())}", flush=True)
+    if args.queue_only:  # a queue worker already running picks them up in turn
+        return
     # not through dvc(): the worker `queue start` leaves behind inherits its stdout, and reading
     # that pipe to its end would wait for the whole queue (`dvc queue logs <exp>` has the output)
     subprocess.run(
@@ -206,6 +208,9 @@ def main() -> None:
     ap.add_argument("--setting", default="omniglot-5w1s")
     ap.add_argument("--recipes", nargs="*", help="a subset of the setting's recipes")
     ap.add_argument("--tasks", type=int, default=16000, help="tasks per recipe (iterations × mb)")
+    ap.add_argument(
+        "--queue-only", action="store_true", help="queue the runs, start no worker, do not wait"
+    )
     ap.add_argument("--threshold", type=float, default=0.95, help="val accuracy to time")
     args = ap.parse_args()
     if args.action in ("run", "all"):
