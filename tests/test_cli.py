@@ -266,10 +266,46 @@ def test_entry_point_errors_are_one_line(args: list[str], names: list[str]) -> N
         assert name in lines[0], (name, lines[0])
 
 
+BAD_PARAMS = [  # (dotted key, value, what the one line must say): the cases of issue 12, item 5
+    ("train.common.grad_clip", "high", "train.common.grad_clip must be a number, got 'high'"),
+    ("train.common.log_every", 0, "train.common.log_every must be a positive integer, got 0"),
+    ("train.common.seed", "abc", "train.common.seed must be an integer, got 'abc'"),
+    ("train.common.device", 5, "train.common.device must be a string, got 5"),
+    ("train.common.amp_bf16", "no", "train.common.amp_bf16 must be true or false, got 'no'"),
+    ("train.common.meta_lr", float("nan"), "train.common.meta_lr must be a finite number"),
+    ("evaluate.chekpoint", "best", "evaluate.chekpoint: unknown key; did you mean 'checkpoint'?"),
+    ("export.checkpont", "best", "export.checkpont: unknown key; did you mean 'checkpoint'?"),
+    ("export.opset", 7, "export.opset must be >= 18, got 7"),
+    ("prepare.omniglot.rotation", True, "prepare.omniglot.rotation: unknown key; did you mean"),
+    ("prepare.episodes.cuont", 5, "prepare.episodes.cuont: unknown key; did you mean 'count'?"),
+    ("prepare.episodes.settings.1.shots", "5", "prepare.episodes.settings[1].shots must be an"),
+    ("evalute.steps", 3, "unknown section(s) ['evalute']; did you mean 'evaluate'"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "says"), BAD_PARAMS, ids=[c[0] for c in BAD_PARAMS])
+def test_bad_params_are_one_line_naming_the_key(tmp_path, key: str, value, says: str) -> None:
+    """A bad value or a typo anywhere in params.yaml stops any command before work starts, in
+    one line that names the key (``train`` here: a typo in ``export`` must not cost a training)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    *parents, last = key.split(".")
+    node = params
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[int(last) if last.isdigit() else last] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "presets.yaml").write_text((REPO / "presets.yaml").read_text())
+    result = runner.invoke(
+        app, ["train", "omniglot-5w1s", "--params", str(tmp_path / "params.yaml")]
+    )
+    _one_line_error(result, says)
+
+
 def test_unknown_preset_names_the_known_ones(tmp_path) -> None:
-    presets = {name: {"dataset": "omniglot"} for name in ("omniglot-5w1s", "omniglot-20w5s")}
+    preset = yaml.safe_load((REPO / "presets.yaml").read_text())["omniglot-5w1s"]
+    presets = {name: preset for name in ("omniglot-5w1s", "omniglot-20w5s")}
     params = tmp_path / "mine.yaml"
-    params.write_text(yaml.safe_dump({"train": {"presets": presets}}))
+    params.write_text(yaml.safe_dump({"train": {"presets": presets, "common": {"meta_lr": 1e-3}}}))
     typo = runner.invoke(app, ["train", "omniglot-20w5", "--params", str(params)])
     _one_line_error(typo, "'omniglot-20w5'", "did you mean 'omniglot-20w5s'")
     unknown = runner.invoke(app, ["train", "nonexist-preset", "--params", str(params)])

@@ -16,11 +16,24 @@ depend on the network code, so editing ``maml.py`` does not re-run them.
 from __future__ import annotations
 
 import difflib
-from dataclasses import MISSING, dataclass, field, fields
+import functools
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    Literal,
+    NamedTuple,
+    TypeVar,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from mamlops import datasets
 from mamlops.errors import UserError
@@ -31,19 +44,104 @@ if TYPE_CHECKING:
 PARAMS_FILE = Path("params.yaml")
 PRESETS_FILE = "presets.yaml"  # beside the params file: the training presets, by setting name
 Strategy = Literal["auto", "loop", "batched"]
-THETA_CHOICES = ("best", "final")  # theta_best (highest val accuracy) or theta (last iteration)
+_T = TypeVar("_T")
 
 
 class ParamsError(UserError):
     """A params.yaml key is missing or has a value that cannot work; the message says which."""
 
 
-# ----------------------------------------------------------------------------- reading
+# ----------------------------------------------------------------------------- the schema
+# The frozen configs below are the schema of params.yaml: their annotations (with pydantic's
+# constraints) say what each key takes, and ``_checked`` builds a config from its YAML section
+# through pydantic, so a wrong type, an out-of-range value or an unknown key is refused in one
+# line that names the key. Constructing a config in code (``MAMLConfig(inner_lr=0.4)``) is
+# plain dataclass construction: the checks are for what users write.
+
+PosInt = Annotated[int, Field(strict=True, ge=1)]
+NonNegInt = Annotated[int, Field(strict=True, ge=0)]
+PosFloat = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
+Bool = Annotated[bool, Field(strict=True)]
+Str = Annotated[str, Field(strict=True)]
+ThetaChoice = Literal["best", "final"]  # theta_best (highest val accuracy) or theta (last)
+THETA_CHOICES: tuple[str, ...] = get_args(ThetaChoice)
+_SCHEMA = ConfigDict(extra="forbid")  # every config's __pydantic_config__: unknown keys refused
+
+_WHAT = {  # pydantic error type -> what the key must be, in a user's words
+    "int_type": "an integer",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "dataclass_type": "a mapping",
+    "dict_type": "a mapping",
+    "tuple_type": "a list",
+    "list_type": "a list",
+}
+
+
+def _checked(cls: type[_T], data: Any, where: str) -> _T:
+    """``cls`` built from the YAML mapping ``data`` and checked against its annotations; the
+    first problem becomes a one-line ``ParamsError`` naming ``where``'s key."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where} must be a mapping of keys, got {data!r}")
+    try:
+        return _adapter(cls).validate_python(data)
+    except ValidationError as exc:
+        raise ParamsError(_explain(exc.errors()[0], cls, where)) from None
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _explain(error: dict[str, Any], cls: type, where: str) -> str:
+    loc = [part for part in error["loc"] if part != "maml"]  # TrainConfig's nested keys are flat
+    key = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        known = _known_keys(cls, error["loc"][:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{key}: unknown key; {hint}known: {', '.join(known)}"
+    if kind in ("missing", "missing_argument"):
+        return f"{key} is missing"
+    if kind == "literal_error":
+        return f"{key} must be one of {ctx['expected']}, got {value!r}"
+    if kind == "greater_than_equal":
+        bound = ctx["ge"]
+        what = {0: "an integer >= 0", 1: "a positive integer"}.get(bound, f">= {bound}")
+        return f"{key} must be {what}, got {value!r}"
+    if kind == "greater_than":
+        return f"{key} must be a positive number, got {value!r}"
+    if kind == "too_short":
+        return f"{key} must not be empty"
+    if kind in _WHAT:
+        return f"{key} must be {_WHAT[kind]}, got {value!r}"
+    return f"{key}: {error['msg'][0].lower()}{error['msg'][1:]}, got {value!r}"
+
+
+def _known_keys(cls: type, loc: tuple) -> list[str]:
+    """The keys the mapping at ``loc`` inside ``cls`` may have (for did-you-mean)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        hint = get_type_hints(cls, include_extras=True)[part]
+        while get_origin(hint) is not None:  # Annotated[...], tuple[X, ...], X | None
+            hint = next(a for a in get_args(hint) if a is not Ellipsis and a is not type(None))
+        cls = hint
+    names = list(cls._fields) if hasattr(cls, "_fields") else [f.name for f in fields(cls)]
+    if cls is TrainConfig:  # flat in params.yaml
+        names = [n for n in names if n != "maml"] + list(_MAML_KEYS)
+    return sorted(names)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     """The whole params file as a dict, with the presets of a ``presets.yaml`` beside it under
-    the key ``"presets.yaml"``; a clear error when a file is missing or not a mapping.
+    the key ``"presets.yaml"``; a clear error when a file is missing or not a mapping, and when
+    any section has a key or value that cannot work (``check_params``), whichever stage reads it.
 
     The presets live in their own DVC params file so that ``dvc exp show`` lists the keys of
     the presets a run uses, not those of every preset (DVC shows all of params.yaml, but only
@@ -58,7 +156,38 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     presets_path = path.parent / PRESETS_FILE
     if presets_path.is_file():
         data[PRESETS_FILE] = _read_mapping(presets_path)
+    check_params(data)
     return data
+
+
+SECTIONS = ("data", "prepare", "train", "evaluate", "export")
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """Every section of a params file against the schema, so that a typo in ``export`` fails
+    ``dvc repro`` at its first stage rather than after an hour of training. Sections a file
+    lacks are left to the stage that needs them (its own clear error)."""
+    unknown = sorted(set(params) - set(SECTIONS) - {PRESETS_FILE})
+    if unknown:
+        close = [difflib.get_close_matches(k, SECTIONS, n=1) for k in unknown]
+        hint = "; ".join(f"did you mean {c[0]!r}" for c in close if c)
+        raise ParamsError(
+            f"params.yaml: unknown section(s) {unknown}{'; ' + hint if hint else ''}; "
+            f"known: {', '.join(SECTIONS)}"
+        )
+    if "data" in params:
+        DataConfig.from_params(params)
+    if "prepare" in params:
+        PrepareConfig.from_params(params)
+    if "train" in params:
+        train_settings(params)
+        train = _section(params, "train")
+        for name in {**(params.get(PRESETS_FILE) or {}), **(train.get("presets") or {})}:
+            TrainConfig.from_params(params, name)
+    if "evaluate" in params:
+        EvaluateConfig.from_params(params)
+    if "export" in params:
+        ExportConfig.from_params(params)
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
@@ -78,42 +207,6 @@ def _section(params: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def _require(sec: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    """``sec[key]`` checked for type; ``where`` is the dotted path used in the message."""
-    if key not in sec:
-        raise ParamsError(f"params.yaml: {where}.{key} is missing")
-    value = sec[key]
-    if isinstance(value, bool) and kind in (int, float):
-        raise ParamsError(f"params.yaml: {where}.{key} must be a number, got {value!r}")
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ParamsError(f"params.yaml: {where}.{key} must be {names}, got {value!r}")
-    return value
-
-
-def _int(sec: dict[str, Any], key: str, where: str, minimum: int = 1) -> int:
-    value = _require(sec, key, int, where)
-    if value < minimum:
-        what = "positive" if minimum == 1 else f">= {minimum}"
-        raise ParamsError(f"params.yaml: {where}.{key} must be {what}, got {value}")
-    return value
-
-
-def _no_unknown(sec: dict[str, Any], known: set[str], where: str) -> None:
-    unknown = sorted(set(sec) - known)
-    if unknown:
-        raise ParamsError(f"params.yaml: {where}: unknown key(s) {unknown}; known: {sorted(known)}")
-
-
-def _theta_choice(sec: dict[str, Any], where: str) -> str:
-    value = sec.get("checkpoint", "best")
-    if value not in THETA_CHOICES:
-        raise ParamsError(
-            f"params.yaml: {where}.checkpoint must be 'best' or 'final', got {value!r}"
-        )
-    return value
-
-
 class _Fields:
     """``to_dict``: a flat config's fields by name, as params.yaml spells them (MLflow params,
     theta metadata)."""
@@ -129,15 +222,14 @@ class _Fields:
 class DataConfig:
     """``data``: where Omniglot comes from and where a user's miniImageNet lies."""
 
-    mirror: str | None  # "" in params.yaml = the official release
-    miniimagenet_dir: str | None
+    __pydantic_config__ = _SCHEMA
+    mirror: Str | None  # "" in params.yaml = the official release
+    miniimagenet_dir: Str | None
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> DataConfig:
-        sec = _section(params, "data")
-        mirror = _require(sec, "mirror", (str, type(None)), "data")
-        mini = _require(sec, "miniimagenet_dir", (str, type(None)), "data")
-        return cls((mirror or "").strip() or None, (mini or "").strip() or None)
+        cfg = _checked(cls, _section(params, "data"), "params.yaml: data")
+        return cls((cfg.mirror or "").strip() or None, (cfg.miniimagenet_dir or "").strip() or None)
 
     def source(self, dataset: str, raw_omniglot: Path) -> Path:
         """Where the prepare stage reads ``dataset`` from: the downloaded Omniglot, or the
@@ -156,15 +248,53 @@ class DataConfig:
 # ----------------------------------------------------------------------------- prepare
 
 
+class Setting(NamedTuple):
+    """One N-way K-shot pair; ``{ways: 5, shots: 1}`` in params.yaml, ``(5, 1)`` in code."""
+
+    ways: PosInt
+    shots: PosInt
+
+
+Settings = Annotated[tuple[Setting, ...], Field(min_length=1)]
+DatasetName = Literal[datasets.NAMES]  # type: ignore[valid-type]
+SplitName = Literal[tuple(datasets.OMNIGLOT.split_sizes)]  # type: ignore[valid-type]
+
+
 @dataclass(frozen=True)
 class EpisodeConfig:
     """``prepare.episodes``: the fixed evaluation episodes."""
 
-    seed: int
-    count: int  # test episodes per setting
-    val_count: int  # validation episodes per setting
-    query: int  # query images per class
-    settings: tuple[tuple[int, int], ...]  # (ways, shots)
+    __pydantic_config__ = _SCHEMA
+    seed: NonNegInt
+    count: PosInt  # test episodes per setting
+    val_count: PosInt  # validation episodes per setting
+    query: PosInt  # query images per class
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class _OmniglotKeys:
+    __pydantic_config__ = _SCHEMA
+    split: SplitName
+    split_seed: NonNegInt = 1
+    rotations: Bool = True
+
+
+@dataclass(frozen=True)
+class _MiniImageNetKeys:
+    __pydantic_config__ = _SCHEMA
+    settings: Settings = (Setting(5, 1), Setting(5, 5))
+
+
+@dataclass(frozen=True)
+class _PrepareKeys:
+    """The ``prepare`` section as params.yaml nests it (``PrepareConfig`` is the flat view)."""
+
+    __pydantic_config__ = _SCHEMA
+    omniglot: _OmniglotKeys
+    miniimagenet: _MiniImageNetKeys
+    episodes: EpisodeConfig
+    datasets: Annotated[tuple[DatasetName, ...], Field(min_length=1)] = ("omniglot",)
 
 
 @dataclass(frozen=True)
@@ -183,85 +313,50 @@ class PrepareConfig:
     def from_params(cls, params: dict[str, Any]) -> PrepareConfig:
         """``ParamsError`` names the bad key and why, before any work starts."""
         prep = _section(params, "prepare")
-        _no_unknown(prep, {"datasets", "omniglot", "miniimagenet", "episodes"}, "prepare")
-        om = _require(prep, "omniglot", dict, "prepare")
-        mini = _require(prep, "miniimagenet", dict, "prepare")
-        ep = _require(prep, "episodes", dict, "prepare")
-        for sec, where, known in (
-            (om, "prepare.omniglot", {"split", "split_seed", "rotations"}),
-            (mini, "prepare.miniimagenet", {"settings"}),
-        ):
-            if "image_size" in sec:
+        for sec in ("omniglot", "miniimagenet"):
+            if isinstance(prep.get(sec), dict) and "image_size" in prep[sec]:
                 raise ParamsError(
-                    f"params.yaml: {where}.image_size is no longer a setting: the image size is "
-                    "a fact of the data set that the network and the served classifier share "
-                    "(mamlops/datasets.py); remove the key"
+                    f"params.yaml: prepare.{sec}.image_size is no longer a setting: the image "
+                    "size is a fact of the data set that the network and the served classifier "
+                    "share (mamlops/datasets.py); remove the key"
                 )
-            _no_unknown(sec, known, where)
-
-        chosen = tuple(prep.get("datasets", ["omniglot"]) or ())
-        if (
-            not chosen
-            or any(d not in datasets.NAMES for d in chosen)
-            or len(set(chosen)) < len(chosen)
+        keys = _checked(_PrepareKeys, prep, "params.yaml: prepare")
+        if len(set(keys.datasets)) < len(keys.datasets):
+            raise ParamsError(
+                f"params.yaml: prepare.datasets lists a data set twice: {prep['datasets']}"
+            )
+        for where, pairs in (
+            ("prepare.episodes.settings", keys.episodes.settings),
+            ("prepare.miniimagenet.settings", keys.miniimagenet.settings),
         ):
-            raise ParamsError(
-                f"params.yaml: prepare.datasets must list some of {list(datasets.NAMES)} once "
-                f"each, got {prep.get('datasets')!r}"
-            )
-        split = _require(om, "split", str, "prepare.omniglot")
-        schemes = datasets.OMNIGLOT.split_sizes
-        if split not in schemes:
-            raise ParamsError(
-                f"params.yaml: prepare.omniglot.split is {split!r}; expected one of {list(schemes)}"
-            )
-        split_seed = _int(om, "split_seed", "prepare.omniglot", minimum=0)
-        rotations = om.get("rotations", True)
-        if not isinstance(rotations, bool):
-            raise ParamsError(
-                f"params.yaml: prepare.omniglot.rotations must be true or false, got {rotations!r}"
-            )
-        mini_settings = ((5, 1), (5, 5))
-        if "settings" in mini:
-            mini_settings = _settings(mini["settings"], "prepare.miniimagenet.settings")
-        episodes = EpisodeConfig(
-            seed=_int(ep, "seed", "prepare.episodes", minimum=0),
-            count=_int(ep, "count", "prepare.episodes"),
-            val_count=_int(ep, "val_count", "prepare.episodes"),
-            query=_int(ep, "query", "prepare.episodes"),
-            settings=_settings(ep.get("settings"), "prepare.episodes.settings"),
-        )
-        factor = 4 if rotations else 1  # each rotation by 90 degrees is a class of its own
+            if len(set(pairs)) < len(pairs):
+                raise ParamsError(f"params.yaml: {where} lists a setting twice")
+        om, episodes = keys.omniglot, keys.episodes
+        factor = 4 if om.rotations else 1  # each rotation by 90 degrees is a class of its own
         _check_fits(
             episodes.settings,
             "prepare.episodes.settings",
             episodes.query,
-            [n * factor for n in schemes[split]],
+            [n * factor for n in datasets.OMNIGLOT.split_sizes[om.split]],
             datasets.OMNIGLOT,
-            f"Omniglot, split {split}, rotations {str(rotations).lower()}",
+            f"Omniglot, split {om.split}, rotations {str(om.rotations).lower()}",
         )
         _check_fits(
-            mini_settings,
+            keys.miniimagenet.settings,
             "prepare.miniimagenet.settings",
             episodes.query,
             list(datasets.MINIIMAGENET.split_sizes["ravi"]),
             datasets.MINIIMAGENET,
             "miniImageNet, Ravi split",
         )
-        return cls(split, split_seed, rotations, mini_settings, episodes, chosen)
-
-
-def _settings(value: Any, where: str) -> tuple[tuple[int, int], ...]:
-    if not isinstance(value, list) or not value:
-        raise ParamsError(f"params.yaml: {where} must be a non-empty list of {{ways, shots}}")
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise ParamsError(f"params.yaml: {where}[{i}] must be a mapping {{ways, shots}}")
-        out.append((_int(item, "ways", f"{where}[{i}]"), _int(item, "shots", f"{where}[{i}]")))
-    if len(set(out)) != len(out):
-        raise ParamsError(f"params.yaml: {where} lists a setting twice")
-    return tuple(out)
+        return cls(
+            om.split,
+            om.split_seed,
+            om.rotations,
+            keys.miniimagenet.settings,
+            episodes,
+            keys.datasets,
+        )
 
 
 def _check_fits(
@@ -301,15 +396,16 @@ class MAMLConfig(_Fields):
     executed (``maml.resolve_strategy``); it changes speed, not the math.
     """
 
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    first_order: bool = False
+    __pydantic_config__ = _SCHEMA
+    inner_lr: PosFloat = 0.4
+    inner_steps: NonNegInt = 1
+    first_order: Bool = False
     strategy: Strategy = "auto"
-    learn_inner_lr: bool = False
-    per_step_bn: bool = False
-    multi_step_loss: bool = False
-    multi_step_anneal_iters: int = 0
-    first_order_iters: int = 0
+    learn_inner_lr: Bool = False
+    per_step_bn: Bool = False
+    multi_step_loss: Bool = False
+    multi_step_anneal_iters: NonNegInt = 0
+    first_order_iters: NonNegInt = 0
 
 
 _MAML_KEYS = tuple(f.name for f in fields(MAMLConfig))
@@ -324,49 +420,35 @@ class TrainConfig:
     MLflow params, theta metadata and checkpoints use the params.yaml key names.
     """
 
-    name: str
-    dataset: str
-    ways: int
-    shots: int
-    query: int
-    meta_batch: int
-    test_inner_steps: int
-    meta_lr: float
-    iterations: int
+    __pydantic_config__ = _SCHEMA
+    name: Str
+    dataset: DatasetName
+    ways: Annotated[int, Field(strict=True, ge=2)]
+    shots: PosInt
+    query: PosInt
+    meta_batch: PosInt
+    test_inner_steps: NonNegInt
+    meta_lr: PosFloat
+    iterations: PosInt
     maml: MAMLConfig = field(default_factory=MAMLConfig)
-    seed: int = 0
-    device: str = "auto"
-    amp_bf16: bool = False
-    cosine_meta_lr: bool = False
-    grad_clip: float = 0.0
-    val_every: int = 250
-    val_episodes: int = 100
-    checkpoint_every: int = 250
-    log_every: int = 10
+    seed: NonNegInt = 0
+    device: Str = "auto"
+    amp_bf16: Bool = False
+    cosine_meta_lr: Bool = False
+    grad_clip: NonNegFloat = 0.0
+    val_every: PosInt = 250
+    val_episodes: NonNegInt = 100
+    checkpoint_every: NonNegInt = 250
+    log_every: PosInt = 10
 
     @classmethod
     def from_flat(cls, values: dict[str, Any], where: str = "train") -> TrainConfig:
         """Build from flat params.yaml-style keys (``where`` names them in messages), checked."""
-        own = [f for f in fields(cls) if f.name != "maml"]
-        unknown = sorted(set(values) - {f.name for f in own} - set(_MAML_KEYS))
-        if unknown:
-            known = sorted({f.name for f in own} | set(_MAML_KEYS))
-            hints = [difflib.get_close_matches(k, known, n=1) for k in unknown]
-            mean = [f"{k} -> {h[0]}" for k, h in zip(unknown, hints, strict=True) if h]
-            hint = f" (did you mean {', '.join(mean)}?)" if mean else ""
-            raise ParamsError(f"{where}: unknown key(s) {unknown}{hint}")
-        required = [f.name for f in own if f.default is MISSING] + ["inner_lr", "inner_steps"]
-        missing = sorted(k for k in required if k not in values)
-        if missing:
-            raise ParamsError(f"{where} is missing {missing}")
-        maml_values = {k: values[k] for k in _MAML_KEYS if k in values}
-        lr = maml_values["inner_lr"]
-        if isinstance(lr, int) and not isinstance(lr, bool):
-            maml_values["inner_lr"] = float(lr)  # the algorithm's step size is a float
-        maml = MAMLConfig(**maml_values)
-        rest = {k: v for k, v in values.items() if k not in _MAML_KEYS}
-        cfg = cls(maml=maml, **rest)
-        cfg.validate()
+        maml = {k: values[k] for k in _MAML_KEYS if k in values}
+        nested = {**{k: v for k, v in values.items() if k not in _MAML_KEYS}, "maml": maml}
+        cfg = _checked(cls, nested, where)
+        if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
+            raise ParamsError(f"{where}.device must be auto, cpu or cuda[:N], got {cfg.device!r}")
         return cfg
 
     @classmethod
@@ -388,37 +470,19 @@ class TrainConfig:
             )
         if not isinstance(presets[name], dict):
             raise ParamsError(f"{PRESETS_FILE}: {name} must be a mapping of train keys")
-        merged = {**(train.get("common") or {}), **presets[name], "name": name}
-        return cls.from_flat(merged, f"{PRESETS_FILE}:{name}")
-
-    def validate(self) -> None:
-        where = f"{PRESETS_FILE}:{self.name}"  # a value there wins over train.common
-        if self.dataset not in datasets.NAMES:
-            raise ParamsError(
-                f"{where}.dataset must be one of {list(datasets.NAMES)}, got {self.dataset!r}"
-            )
-        positive = ("ways", "shots", "query", "meta_batch", "iterations", "val_every", "log_every")
-        for key in positive:
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ParamsError(f"{where}.{key} must be a positive integer, got {value!r}")
-        for key, value in (
-            ("inner_steps", self.maml.inner_steps),
-            ("test_inner_steps", self.test_inner_steps),
-            ("checkpoint_every", self.checkpoint_every),
-            ("val_episodes", self.val_episodes),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ParamsError(f"{where}.{key} must be an integer >= 0, got {value!r}")
-        if self.ways < 2:
-            raise ParamsError(f"{where}.ways must be at least 2, got {self.ways}")
-        for key, value in (("inner_lr", self.maml.inner_lr), ("meta_lr", self.meta_lr)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ParamsError(f"{where}.{key} must be a positive number, got {value!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ParamsError(f"{where}.device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.maml.strategy not in ("auto", "loop", "batched"):
-            raise ParamsError(f"{where}.strategy must be auto, loop or batched")
+        common = train.get("common") or {}
+        if not isinstance(common, dict):
+            raise ParamsError("params.yaml: train.common must be a mapping of train keys")
+        merged = {**common, **presets[name], "name": name}
+        # a value in the preset wins over train.common: name the file the bad value came from
+        where = f"{PRESETS_FILE}:{name}"
+        try:
+            return cls.from_flat(merged, where)
+        except ParamsError as exc:
+            bad = str(exc).removeprefix(where + ".").split(" ")[0].split(":")[0]
+            if bad in common and bad not in presets[name]:
+                raise ParamsError(str(exc).replace(where, "params.yaml: train.common", 1)) from None
+            raise
 
     @property
     def inner_lr(self) -> float:
@@ -481,27 +545,15 @@ def hardware(device: str | torch.device | None = None) -> str:
 class EvaluateConfig(_Fields):
     """``evaluate``: which theta, how many test-time steps, batch size, episodes drawn."""
 
-    checkpoint: str = "best"
-    steps: int | None = None  # None: the preset's test_inner_steps
-    batch: int = 50
-    grid_episodes: int = 3
+    __pydantic_config__ = _SCHEMA
+    checkpoint: ThetaChoice = "best"
+    steps: NonNegInt | None = None  # None: the preset's test_inner_steps
+    batch: PosInt = 50
+    grid_episodes: PosInt = 3  # a declared DVC output: always draw at least one episode
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> EvaluateConfig:
-        sec = _section(params, "evaluate")
-        _no_unknown(sec, {f.name for f in fields(cls)}, "evaluate")
-        steps = sec.get("steps")
-        if steps is not None and (
-            isinstance(steps, bool) or not isinstance(steps, int) or steps < 0
-        ):
-            raise ParamsError(f"params.yaml: evaluate.steps must be null or >= 0, got {steps!r}")
-        # the episode grid is a declared DVC output: always draw at least one episode
-        return cls(
-            checkpoint=_theta_choice(sec, "evaluate"),
-            steps=steps,
-            batch=_int(sec, "batch", "evaluate"),
-            grid_episodes=_int(sec, "grid_episodes", "evaluate"),
-        )
+        return _checked(cls, _section(params, "evaluate"), "params.yaml: evaluate")
 
 
 DEFAULT_OPSET = 20  # the dynamo exporter's native opset: no version conversion pass needed
@@ -512,23 +564,16 @@ MIN_OPSET = 18  # the dynamo exporter writes nothing older (asked for 7, it sile
 class ExportConfig(_Fields):
     """``export``: the demo classifier, its ONNX opset, and the registry."""
 
-    checkpoint: str = "best"
-    demo_episode: int = 0
-    opset: int = DEFAULT_OPSET
-    register: bool = True
-    alias: str = "champion"
+    __pydantic_config__ = _SCHEMA
+    checkpoint: ThetaChoice = "best"
+    demo_episode: NonNegInt = 0
+    opset: Annotated[int, Field(strict=True, ge=MIN_OPSET)] = DEFAULT_OPSET
+    register: Bool = True
+    alias: Str = "champion"
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> ExportConfig:
-        sec = _section(params, "export")
-        _no_unknown(sec, {f.name for f in fields(cls)}, "export")
-        return cls(
-            checkpoint=_theta_choice(sec, "export"),
-            demo_episode=_int(sec, "demo_episode", "export", minimum=0),
-            opset=_int(sec, "opset", "export", minimum=MIN_OPSET),
-            register=_require(sec, "register", bool, "export"),
-            alias=_require(sec, "alias", str, "export"),
-        )
+        return _checked(cls, _section(params, "export"), "params.yaml: export")
 
     def check_demo_episode(self, test_episodes: int) -> None:
         """The demo episode must be one of the prepared test episodes."""
