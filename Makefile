@@ -18,8 +18,11 @@ $(BIN)/mamlops: pyproject.toml
 
 install: $(BIN)/mamlops
 
-# the README's results table is `make report`'s: a run changes only DVC's outputs and dvc.lock
+# the README's results table is `make report`'s: a run changes only DVC's outputs and dvc.lock.
+# `mamlops check` first: a bad param or a dead tracking server stops it before DVC removes any
+# stage's outputs
 run: install
+	$(BIN)/mamlops check
 	$(BIN)/dvc repro
 
 test: install

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from mamlops.cli import app
 
 COMMANDS = [
+    "check",
     "download",
     "verify",
     "prepare",
@@ -299,6 +300,23 @@ def test_bad_params_are_one_line_naming_the_key(tmp_path, key: str, value, says:
         app, ["train", "omniglot-5w1s", "--params", str(tmp_path / "params.yaml")]
     )
     _one_line_error(result, says)
+
+
+def test_check_is_the_preflight(tmp_path, monkeypatch) -> None:
+    """`mamlops check` (make run's first line): valid repo params pass; a setting without a
+    preset, or a tracking server that does not answer, is one line, in seconds."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ok = runner.invoke(app, ["check", "--params", str(REPO / "params.yaml")])
+    assert ok.exit_code == 0 and "are valid; trains omniglot-5w1s" in ok.output, ok.output
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["settings"]["omniglot-5w1z"] = "omniglot"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "presets.yaml").write_text((REPO / "presets.yaml").read_text())
+    typo = runner.invoke(app, ["check", "--params", str(tmp_path / "params.yaml")])
+    _one_line_error(typo, "'omniglot-5w1z'", "did you mean 'omniglot-5w1s'")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    dead = runner.invoke(app, ["check", "--params", str(REPO / "params.yaml")])
+    _one_line_error(dead, "does not answer")
 
 
 def test_unknown_preset_names_the_known_ones(tmp_path) -> None:

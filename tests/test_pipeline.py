@@ -254,6 +254,46 @@ def test_forced_train_rerun_rewrites_its_outputs(repo: Path, pipeline_env: dict[
     assert metrics["train_seconds"] > 0.5 and metrics["best_step"] in (10, 20)
 
 
+def _snapshot(paths: list[Path]) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in paths}
+
+
+def test_a_failed_stage_keeps_the_earlier_outputs(repo: Path, pipeline_env: dict[str, str]):
+    """DVC deletes a stage's outputs before it runs it; a stage that then fails used to leave
+    nothing (a dead mirror: no data/raw; a dead tracking server: no theta, and the uncached
+    metrics and plots gone for good). With `persist: true` and atomic writes, everything from
+    the last good run is still there, byte for byte, and `dvc status` is clean."""
+    raw = repo / "data" / "raw" / "omniglot"
+    raw_files = sorted(str(p.relative_to(raw)) for p in raw.rglob("*") if p.is_file())
+    env = {**pipeline_env, "MAMLOPS_DATA_MIRROR": str(repo / "no-such-mirror")}
+    proc = subprocess.run(
+        ["dvc", "repro", "-f", "-s", "download"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "kept (already verified)" in proc.stdout, proc.stderr
+    assert sorted(str(p.relative_to(raw)) for p in raw.rglob("*") if p.is_file()) == raw_files
+
+    outs = [
+        repo / "models" / SETTING / "theta.safetensors",
+        repo / "models" / SETTING / "theta_best.safetensors",
+        repo / "metrics" / "train" / f"{SETTING}.json",
+        *(repo / "plots" / kind / f"{SETTING}.tsv" for kind in ("train", "val")),
+        repo / "plots" / "curves" / f"{SETTING}.png",
+    ]
+    before = _snapshot(outs)
+    env = {**pipeline_env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # nothing listens
+    proc = subprocess.run(
+        ["dvc", "repro", "-f", "-s", f"train@{SETTING}"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "does not answer" in proc.stdout + proc.stderr, proc.stderr
+    assert _snapshot(outs) == before
+    assert "up to date" in _run(["dvc", "status"], repo, pipeline_env)
+
+
 def query_images(repo: Path, labels: list[str], dest: Path, per_class: int = 3) -> list[Path]:
     """Real drawings of the exported classes as PNG files, rotated as the class says."""
     from PIL import Image

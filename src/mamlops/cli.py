@@ -143,6 +143,25 @@ def _process_settings(
 
 
 @app.command()
+def check(params_file: ParamsFile = PARAMS_DEFAULT) -> None:
+    """Pre-flight before `dvc repro` deletes anything: params and presets against the schema, the
+    trained settings, the MLflow store (make run runs it first)."""
+    with command("check"):
+        from mamlops import tracking
+        from mamlops.config import load_params, train_settings
+
+        settings = train_settings(load_params(params_file))  # the whole file, checked
+        uri = tracking.tracking_uri()
+        tracking.check_store(uri)
+    from mamlops.urls import redact
+
+    typer.echo(
+        f"check: {params_file} and its presets are valid; trains {', '.join(settings) or 'none'}; "
+        f"tracking store {redact(uri)} ready"
+    )
+
+
+@app.command()
 def download(
     dest: Annotated[Path, typer.Option(help="where the verified Omniglot goes")] = Path(
         "data/raw/omniglot"

@@ -180,10 +180,22 @@ def check_params(params: dict[str, Any]) -> None:
     if "prepare" in params:
         PrepareConfig.from_params(params)
     if "train" in params:
-        train_settings(params)
         train = _section(params, "train")
         for name in {**(params.get(PRESETS_FILE) or {}), **(train.get("presets") or {})}:
             TrainConfig.from_params(params, name)
+        prepared = PrepareConfig.from_params(params).datasets if "prepare" in params else None
+        for name, dataset in train_settings(params).items():
+            cfg = TrainConfig.from_params(params, name)  # an unknown name: did-you-mean
+            if dataset != cfg.dataset:
+                raise ParamsError(
+                    f"params.yaml: train.settings.{name} is {dataset!r}, but the preset trains "
+                    f"on {cfg.dataset!r}; make them agree"
+                )
+            if prepared is not None and dataset not in prepared:
+                raise ParamsError(
+                    f"params.yaml: train.settings.{name} trains on {dataset}, which "
+                    f"prepare.datasets {list(prepared)} does not prepare; add it there"
+                )
     if "evaluate" in params:
         EvaluateConfig.from_params(params)
     if "export" in params:
