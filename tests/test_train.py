@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mamlops import maml
+from mamlops import maml, tracking
 from mamlops import train as train_mod
 from mamlops.config import ParamsError, TrainConfig
 from mamlops.train import NonFiniteLossError, train, write_history
@@ -171,6 +172,44 @@ def test_killed_run_resumes_to_the_same_theta(omniglot_prepared: Path, tmp_path:
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     assert resumed.best_val_acc == straight.best_val_acc
+
+
+def test_a_killed_run_resumes_into_the_same_mlflow_run(
+    omniglot_prepared: Path, tmp_path: Path
+) -> None:
+    """kill -9 of `mamlops train` leaves its MLflow run RUNNING; the rerun that resumes from the
+    checkpoint reopens that run: one run, FINISHED, whose history spans both sessions."""
+    import mlflow
+
+    params = tiny_params(iterations=40, checkpoint_every=5, val_every=10, log_every=5)
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    (tmp_path / "data" / "prepared").mkdir(parents=True)
+    (tmp_path / "data" / "prepared" / "omniglot").symlink_to(omniglot_prepared)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mamlops", "train", "tiny", "--params", "params.yaml"]
+    ck = tmp_path / "checkpoints" / "tiny" / train_mod.CHECKPOINT
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not ck.exists():
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = torch.load(ck, weights_only=True)["step"]
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs(client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id)
+    assert run.info.status == "RUNNING"  # what kill -9 leaves
+
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    runs = client.search_runs(run.info.experiment_id)
+    assert [r.info.run_id for r in runs] == [run.info.run_id]
+    resumed = runs[0]
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["mamlops.resumed_from"] == str(killed_at) and killed_at < 40
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "val/acc")}
+    assert steps == {10, 20, 30, 40}
 
 
 def test_other_params_start_from_scratch(omniglot_prepared: Path, tmp_path: Path, capsys) -> None:

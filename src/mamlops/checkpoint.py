@@ -122,6 +122,16 @@ def resume_key(cfg: TrainConfig, prepared_dir: Path, device_type: str) -> dict[s
     }
 
 
+def resumable_run(checkpoint_dir: Path, key: dict[str, str]) -> str | None:
+    """The tracking run (MLflow run id) that a run with ``key`` continues: the one the
+    checkpoint in ``checkpoint_dir`` was logged under, when that checkpoint will be resumed. A
+    resumed run logs into the interrupted one, so the UI shows one run with its whole history."""
+    state = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT)
+    if state is None or resume_mismatch(state, key) is not None:
+        return None
+    return state.get("tracking_run") or None
+
+
 def resume_mismatch(state: dict[str, Any], key: dict[str, str]) -> str | None:
     """Why a checkpoint cannot be resumed by a run with ``key`` (None when it can)."""
     saved = state.get("key") or {"config": state.get("config")}

@@ -234,8 +234,13 @@ def start_run(
     description: str | None = None,
     tags: Mapping[str, str] | None = None,
     system_metrics: bool = True,
+    resume_run_id: str | None = None,
 ) -> Iterator[Any]:
     """An MLflow run for one stage execution; a run that raises is marked FAILED.
+
+    ``resume_run_id``: the run an interrupted execution of the same stage left (KILLED, FAILED,
+    or RUNNING after a kill -9); it is reopened and continued when this store has it, so a
+    resumed training is one run with its whole history, not two halves.
 
     ``parent_run_id`` nests it under that run (evaluate and export under the training run):
     a failure here marks this run FAILED, never the training run. KeyboardInterrupt and SIGTERM
@@ -244,10 +249,12 @@ def start_run(
     import mlflow
 
     exp_id = experiment_id(uri=use_store())
+    resume = resume_run_id if resume_run_id and _run_in(resume_run_id, exp_id) else None
     with _sigterm_as_interrupt():
         run = mlflow.start_run(
-            experiment_id=exp_id,
-            run_name=run_name or stage,
+            run_id=resume,
+            experiment_id=None if resume else exp_id,
+            run_name=None if resume else run_name or stage,  # a resumed run keeps its name
             parent_run_id=parent_run_id,
             tags={**run_tags(stage), **(tags or {})},
             description=description,
@@ -265,6 +272,18 @@ def start_run(
             raise
         else:
             _tolerant(mlflow.end_run)(status="FINISHED")
+
+
+def _run_in(run_id: str, exp_id: str) -> bool:
+    """Whether this store holds the active run ``run_id`` in experiment ``exp_id``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        info = mlflow.MlflowClient(tracking_uri()).get_run(run_id).info
+    except MlflowException:
+        return False
+    return info.experiment_id == exp_id and info.lifecycle_stage == "active"
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from mamlops import maml, tracking
 from mamlops.checkpoint import (
     CHECKPOINT,
     load_checkpoint,
+    resumable_run,
     resume_key,
     resume_mismatch,
     save_checkpoint,
@@ -95,6 +96,7 @@ def train(
     on_metrics: Callable[[dict[str, float], int], None] | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    tracking_run: str | None = None,
 ) -> TrainResult:
     """Meta-train ``cfg`` and write ``out_dir/theta.safetensors`` and ``theta_best.safetensors``.
 
@@ -102,6 +104,8 @@ def train(
     prepared data and training code (``checkpoint.resume_key``; any other checkpoint is
     replaced, with a one-line notice). ``stop_after`` ends the
     loop early at that step (tests use it to simulate an interruption without killing it).
+    ``tracking_run`` (an MLflow run id) is kept in the checkpoint, so that a resumed run goes on
+    logging into it (``checkpoint.resumable_run``).
     """
     device = resolve_device(cfg.device)
     model_cfg, maml_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways), cfg.maml
@@ -149,6 +153,7 @@ def train(
             ckpt_path,
             {
                 "key": key,
+                "tracking_run": tracking_run,
                 "params": {k: v.detach().cpu() for k, v in params.items()},
                 "best_params": best_params,
                 "seconds": seconds_before + time.perf_counter() - t0,
@@ -301,16 +306,19 @@ def train_stage(
         f"{cfg.iterations} iterations of {cfg.meta_batch} tasks "
         f"({'first' if cfg.maml.first_order else 'second'} order)."
     )
+    device = resolve_device(cfg.device)
+    interrupted = resumable_run(Path(checkpoint_dir), resume_key(cfg, prepared_dir, device.type))
     with tracking.start_run(
         f"train@{cfg.name}",
         {"setting": cfg.name, **{f"train.{k}": v for k, v in config.items()}},
         run_name=tracking.run_name(cfg.name),
+        resume_run_id=interrupted,
         description=description,
         tags={
             "mamlops.setting": cfg.name,
-            "mamlops.hardware": hardware(resolve_device(cfg.device)),
+            "mamlops.hardware": hardware(device),
         },
-    ):
+    ) as run:
         tracking.log_dataset(prepared_dir, cfg.dataset, "training")
         result = train(
             cfg,
@@ -319,6 +327,7 @@ def train_stage(
             Path(checkpoint_dir),
             on_metrics=tracking.log_training_metrics,
             progress=progress,
+            tracking_run=run.info.run_id,
         )
         write_history(result.history, Path(train_tsv), TRAIN_COLUMNS)
         write_history(result.history, Path(val_tsv), VAL_COLUMNS)
