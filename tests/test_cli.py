@@ -189,6 +189,27 @@ def test_predict_top_k(exported: dict, top_k: int) -> None:
 # ------------------------------------------------------------------------ register errors
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_file(
+    exported: dict, tmp_path, monkeypatch
+) -> None:
+    """`mamlops export` onto a disk that fills up mid-write (the writer patched to fail as a
+    full disk does): one line naming the file, the earlier file intact, no temporary left."""
+    import errno
+    import pathlib
+
+    out = tmp_path / "clf.onnx"
+    out.write_bytes(b"the earlier export")
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full)
+    result = runner.invoke(app, ["export", str(exported["safetensors"]), "--out", str(out)])
+    _one_line_error(result, f"cannot write {out}", "no space left on the device")
+    assert out.read_bytes() == b"the earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf.onnx"]
+
+
 @pytest.mark.parametrize("kind", ["safetensors", "onnx"])
 def test_predict_on_a_non_image_is_one_line(exported: dict, kind: str) -> None:
     result = runner.invoke(app, ["predict", str(exported[kind]), str(REPO / "README.md")])

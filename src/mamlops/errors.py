@@ -11,8 +11,10 @@ No imports beyond the standard library: the torch-free serving path uses it too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class UserError(ValueError):
@@ -32,6 +34,34 @@ def reported(prog: str) -> Iterator[None]:
     except (UserError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    except OSError as exc:
+        error = disk_error(exc)
+        if error is None:
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+DISK_ERRORS = {  # errno -> what it means for the user: the machine's state, not a bug
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+}
+
+
+def disk_error(exc: OSError, path: str | Path | None = None) -> UserError | None:
+    """A one-line ``UserError`` for an ``OSError`` that the machine, not the code, caused (a full
+    disk, a quota, a read-only or forbidden folder), naming the file; None for any other."""
+    if exc.errno not in DISK_ERRORS:
+        return None
+    where = path or exc.filename or "a file"
+    verb = "access" if exc.errno == errno.EACCES else "write"
+    return UserError(
+        f"cannot {verb} {where}: {DISK_ERRORS[exc.errno]}; earlier files are left as they were "
+        "(outputs are written to a temporary file, then renamed). Free space or fix the "
+        "folder's permissions, then rerun"
+    )
 
 
 def stage_args(*names: str) -> list[str]:

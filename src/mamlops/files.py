@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from mamlops.errors import UserError
+from mamlops.errors import UserError, disk_error
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
@@ -28,15 +28,20 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give a file name (e.g. {path}/<name>)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise disk_error(exc, path) or exc from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (error := disk_error(exc, path)):
+            raise error from None
         raise
     return path
 
