@@ -140,3 +140,26 @@ def test_writing_onto_a_folder_names_it(tmp_path) -> None:
     with pytest.raises(UserError, match="out is a folder; give a file name"):
         write_json(tmp_path / "out", {"a": 1})
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_dead_processes_lose_their_dvc_locks(tmp_path) -> None:
+    """kill -9 of `dvc repro` leaves its pid in .dvc/tmp/rwlock and blocks every later repro;
+    the entries of dead processes go, those of live ones stay."""
+    import json
+    import os
+    import subprocess
+
+    from mamlops.files import release_dead_dvc_locks
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid runs nothing now
+    live, dead = {"pid": os.getpid(), "cmd": "dvc repro"}, {"pid": gone.pid, "cmd": "dvc repro"}
+    lock = tmp_path / ".dvc" / "tmp" / "rwlock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(
+        json.dumps({"write": {"a": dead, "b": live}, "read": {"a": [dead], "c": [dead, live]}})
+    )
+    assert release_dead_dvc_locks(tmp_path) == [gone.pid]
+    assert json.loads(lock.read_text()) == {"write": {"b": live}, "read": {"c": [live]}}
+    assert release_dead_dvc_locks(tmp_path) == []
+    assert release_dead_dvc_locks(tmp_path / "elsewhere") == []

@@ -145,16 +145,20 @@ def _process_settings(
 @app.command()
 def check(params_file: ParamsFile = PARAMS_DEFAULT) -> None:
     """Pre-flight before `dvc repro` deletes anything: params and presets against the schema, the
-    trained settings, the MLflow store (make run runs it first)."""
+    trained settings, the MLflow store; releases DVC's lock of a killed dvc (make run runs it)."""
     with command("check"):
         from mamlops import tracking
         from mamlops.config import load_params, train_settings
+        from mamlops.files import release_dead_dvc_locks
 
         settings = train_settings(load_params(params_file))  # the whole file, checked
         uri = tracking.tracking_uri()
         tracking.check_store(uri)
+        dead = release_dead_dvc_locks(params_file.parent)
     from mamlops.urls import redact
 
+    if dead:
+        typer.echo(f"check: released DVC's lock held by dead process(es) {dead} (a kill -9)")
     typer.echo(
         f"check: {params_file} and its presets are valid; trains {', '.join(settings) or 'none'}; "
         f"tracking store {redact(uri)} ready"

@@ -122,6 +122,43 @@ def process_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
+def release_dead_dvc_locks(root: str | Path = ".") -> list[int]:
+    """Drop the entries of processes that no longer run from DVC's ``.dvc/tmp/rwlock``; the
+    pids dropped.
+
+    ``kill -9`` of ``dvc repro`` leaves its pid in that file, and every later ``dvc repro`` then
+    refuses to run ("If there are no processes with such PIDs, you can manually remove ...").
+    ``mamlops check`` (make run's first step) does that removal, for dead processes only (zombies
+    count as dead; a reused pid counts as alive, which is the safe side). Pids are this host's:
+    a repository shared between machines must not run it while another machine runs DVC.
+    """
+    import fcntl
+
+    path = Path(root) / ".dvc" / "tmp" / "rwlock"
+    if not path.is_file():
+        return []
+    with open(path.with_name("rwlock.lock"), "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # what DVC holds while it edits the file
+        try:
+            locks = json.loads(path.read_text() or "{}")
+        except (OSError, ValueError):
+            return []
+        dropped: set[int] = set()
+
+        def alive(entry: dict) -> bool:
+            pid = int(entry.get("pid", 0))
+            if process_alive(pid):
+                return True
+            dropped.add(pid)
+            return False
+
+        writes = {k: v for k, v in locks.get("write", {}).items() if alive(v)}
+        reads = {k: [e for e in v if alive(e)] for k, v in locks.get("read", {}).items()}
+        if dropped:
+            write_json(path, {"write": writes, "read": {k: v for k, v in reads.items() if v}})
+        return sorted(dropped)
+
+
 def write_safetensors(
     path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
 ) -> Path:
