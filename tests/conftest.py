@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+import uvicorn
 from PIL import Image
 
 from mamlops import preprocess
@@ -237,3 +239,26 @@ def mlflow_models_serve(model_uri: str, tracking_uri: str) -> Iterator[str]:
     cmd += ["-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     with http_process(cmd, f"http://127.0.0.1:{port}", "/ping", 120, env) as url:
         yield url
+
+
+class ThreadServer:
+    """uvicorn on 127.0.0.1 with an OS-chosen port, in a daemon thread; stopped on exit."""
+
+    def __init__(self, app) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

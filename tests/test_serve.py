@@ -4,15 +4,12 @@ MLflow registry + ``mlflow models serve`` answers like onnxruntime does."""
 from __future__ import annotations
 
 import io
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
-from conftest import build_classifier, mlflow_models_serve, to_tensor
+from conftest import ThreadServer, build_classifier, mlflow_models_serve, to_tensor
 from PIL import Image
 
 from mamlops.export import export_onnx
@@ -20,29 +17,6 @@ from mamlops.onnx_predict import OnnxClassifier
 from mamlops.serve import MAX_FILES, create_app
 
 LIMIT = 64 * 1024
-
-
-class ThreadServer:
-    """uvicorn on 127.0.0.1 with an OS-chosen port, in a daemon thread; stopped on exit."""
-
-    def __init__(self, app) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

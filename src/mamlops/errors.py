@@ -32,14 +32,18 @@ def reported(prog: str) -> Iterator[None]:
     try:
         yield
     except (UserError, FileNotFoundError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _report(prog, exc)
     except OSError as exc:
         error = disk_error(exc)
         if error is None:
             raise
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _report(prog, error)
+
+
+def _report(prog: str, exc: BaseException) -> None:
+    """One line, always: a message quoting a library's multi-line text is flattened."""
+    print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    raise SystemExit(1) from None
 
 
 DISK_ERRORS = {  # errno -> what it means for the user: the machine's state, not a bug

@@ -39,6 +39,7 @@ class OnnxClassifier:
         data = self.path.read_bytes()
         self.sha256 = hashlib.sha256(data).hexdigest()
         options = ort.SessionOptions()
+        options.log_severity_level = 4  # a bad file is our one-line error, not ORT's log too
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
         try:
@@ -46,7 +47,8 @@ class OnnxClassifier:
                 data, sess_options=options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-            raise OnnxModelError(f"{self.path}: not a loadable ONNX model ({exc})") from exc
+            why = " ".join(str(exc).split())  # ORT's messages span lines
+            raise OnnxModelError(f"{self.path}: not a loadable ONNX model ({why})") from exc
         meta = self.session.get_modelmeta().custom_metadata_map
         try:
             self.labels: list[str] = list(json.loads(meta["labels"]))
