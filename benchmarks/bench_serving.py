@@ -1,7 +1,8 @@
 """Serving speed: onnxruntime vs PyTorch eager on the same inputs, then HTTP under load.
 
-Measures single-image latency (p50/p99), batch throughput, and the FastAPI endpoint with
-concurrent clients (bounded request count, 127.0.0.1 only; the server stops by itself).
+Measures single-image latency (p50/p99), batch throughput, and a real ``mamlops serve`` process
+under bounded load from concurrent clients on 127.0.0.1 (p50/p99, requests/s, and the server's
+RSS sampled across the run; the server is stopped at the end).
 Without ``--classifier`` it uses a random-weight Omniglot-shaped classifier: speed does not
 depend on the weights' values.
 
@@ -22,14 +23,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-import uvicorn
 from PIL import Image
 
 from mamlops.classifier import Classifier
 from mamlops.export import export_onnx
 from mamlops.model import ConvNetConfig, batch_stats, init_params
 from mamlops.onnx_predict import OnnxClassifier
-from mamlops.serve import create_app
 
 
 def random_classifier(dataset: str, ways: int) -> Classifier:
@@ -80,41 +79,95 @@ def bench_engines(clf: Classifier, onx: OnnxClassifier, n: int, batch: int) -> N
     print(f"  ratio ort/torch throughput {pt_b / ort_b:.2f}x")
 
 
-def bench_http(model_path: Path, image_size: int, requests: int, concurrency: int) -> None:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (105, 105), np.uint8)).save(
-        buf, format="PNG"
-    )
-    png = buf.getvalue()
-    config = uvicorn.Config(create_app(model_path), host="127.0.0.1", port=0, log_level="error")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/predict"
-    try:
-        with httpx.Client(timeout=30) as client:
+def _rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` now (Linux /proc), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
-            def one(_: int) -> float:
+
+def _png(side: int, seed: int) -> bytes:
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 255, (side, side), np.uint8)
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bench_http(model_path: Path, requests: int, concurrency: int, big_every: int) -> None:
+    """Bounded loopback load on a real ``mamlops serve`` process: ``requests`` POST /predict
+    from ``concurrency`` clients (every ``big_every``-th request carries four 1024x1024 PNGs,
+    the rest one 105x105 drawing), latency p50/p99, and the server's RSS sampled every 50 ms."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mamlops = Path(sys.executable).parent / "mamlops"
+    server = subprocess.Popen(
+        [str(mamlops), "serve", str(model_path), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    small = [("files", ("x.png", _png(105, 0), "image/png"))]
+    big = [("files", (f"b{i}.png", _png(1024, i), "image/png")) for i in range(4)]
+    rss: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            rss.append(_rss_mib(server.pid))
+            time.sleep(0.05)
+
+    try:
+        with httpx.Client(timeout=60) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if client.get(f"{base}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("mamlops serve did not start")
+                time.sleep(0.1)
+
+            def one(i: int) -> float:
+                files = big if big_every and i % big_every == big_every - 1 else small
                 t0 = time.perf_counter()
-                resp = client.post(url, files=[("files", ("x.png", png, "image/png"))])
+                resp = client.post(f"{base}/predict", files=files)
                 resp.raise_for_status()
                 return time.perf_counter() - t0
 
             for i in range(20):
                 one(i)
+            before = _rss_mib(server.pid)
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
             t0 = time.perf_counter()
             with ThreadPoolExecutor(concurrency) as pool:
                 lat = list(pool.map(one, range(requests)))
             wall = time.perf_counter() - t0
+            done.set()
+            sampler.join()
+            after = _rss_mib(server.pid)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        done.set()
+        server.terminate()
+        server.wait(timeout=30)
     p50, p99 = percentiles(lat)
+    thirds = [max(rss[k * len(rss) // 3 : (k + 1) * len(rss) // 3] or [after]) for k in range(3)]
     print(
-        f"HTTP /predict {requests} requests, {concurrency} concurrent: {requests / wall:,.0f} req/s"
-        f"  latency p50 {p50:.2f} ms p99 {p99:.2f} ms"
+        f"HTTP /predict on `mamlops serve` (pid {server.pid}): {requests} requests, "
+        f"{concurrency} concurrent, every {big_every}th with 4 x 1024x1024 PNGs: "
+        f"{requests / wall:,.0f} req/s  latency p50 {p50:.2f} ms p99 {p99:.2f} ms"
+    )
+    print(
+        f"  server RSS MiB: before {before:.0f}, peak {max(rss):.0f}, after {after:.0f}; "
+        f"peak per third of the run {', '.join(f'{x:.0f}' for x in thirds)}"
     )
 
 
@@ -127,6 +180,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--big-every", type=int, default=10, help="every Nth request: 4 big PNGs")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     args = ap.parse_args()
     if args.threads:
@@ -140,7 +194,7 @@ def main() -> None:
             f"model {clf.dataset} {clf.model_cfg.ways}-way, torch threads {torch.get_num_threads()}"
         )
         bench_engines(clf, onx, args.n, args.batch)
-        bench_http(path, clf.model_cfg.image_size, args.requests, args.concurrency)
+        bench_http(path, args.requests, args.concurrency, args.big_every)
 
 
 if __name__ == "__main__":
