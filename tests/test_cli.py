@@ -107,10 +107,15 @@ def test_train_with_another_params_file(omniglot_prepared: Path, tmp_path, monke
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine))
     (tmp_path / "data" / "prepared").mkdir(parents=True)
     (tmp_path / "data" / "prepared" / "omniglot").symlink_to(omniglot_prepared)
+    # code lying beside a params file never runs (it once ran DIR/pipeline/train.py)
+    marker = tmp_path / "ran"
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "train.py").write_text(f"open({str(marker)!r}, 'w')\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = runner.invoke(app, ["train", "only-here", "--params", "mine.yaml"])
     assert result.exit_code == 0, result.output
+    assert not marker.exists()
     metrics = yaml.safe_load((tmp_path / "metrics" / "train" / "only-here.json").read_text())
     assert 0 <= metrics["best_step"] <= 4 and 0.0 <= metrics["best_val_acc"] <= 1.0
     assert (tmp_path / "models" / "only-here" / "theta_best.safetensors").is_file()
