@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import REPO, build_classifier, free_port
@@ -192,6 +193,17 @@ def test_predict_top_k(exported: dict, top_k: int) -> None:
 
 
 # ------------------------------------------------------------------------ register errors
+
+
+def test_adapt_on_a_meta_model_of_random_bytes_is_one_line(tmp_path) -> None:
+    meta = tmp_path / "theta.safetensors"
+    meta.write_bytes(np.random.default_rng(0).bytes(5000))
+    for label in ("a", "b"):
+        (tmp_path / "support" / label).mkdir(parents=True)
+    out = tmp_path / "clf.safetensors"
+    args = ["adapt", str(tmp_path / "support"), "--meta", str(meta), "--out", str(out)]
+    _one_line_error(runner.invoke(app, args), str(meta), "not a safetensors file")
+    assert not out.exists()
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_earlier_file(
