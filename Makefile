@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data/omniglot/images_background.zip),)
 export MAMLOPS_DATA_MIRROR ?= $(abspath ../shared/data/omniglot)
 endif
 
-.PHONY: install run test lint format bench report paper-omniglot gpu-train time-to-accuracy plots screenshots mlflow-ui
+.PHONY: install run test lint format bench report omniglot-rows paper-omniglot gpu-train time-to-accuracy plots screenshots mlflow-ui
 
 $(BIN)/mamlops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,8 +61,16 @@ screenshots: install
 	$(BIN)/python scripts/screenshots.py
 
 # The README's results table, rebuilt from metrics/eval/*.json.
+ROWS := benchmarks/results/omniglot-rows
 report: install
-	$(BIN)/mamlops report --readme README.md
+	$(BIN)/mamlops report --readme README.md $(if $(wildcard $(ROWS)/metrics),--also $(ROWS))
+
+# The paper's other three Omniglot rows on this CPU (about 1.5 h on 2 cores): each CPU-sized
+# preset trained and evaluated alone as the queued DVC experiment row-<setting>, one at a time;
+# their metrics and results copied to $(ROWS)/ and added to the README table.
+omniglot-rows: install
+	$(BIN)/python benchmarks/omniglot_rows.py all
+	$(BIN)/mamlops report --readme README.md --also $(ROWS)
 
 # Training recipes of SETTING (benchmarks/recipes.yaml) as queued DVC experiments, one at a time,
 # each seeing TASKS tasks; then val accuracy against seconds and tasks, read back from MLflow, as

@@ -53,7 +53,8 @@ def load_recipes(setting: str, only: list[str] | None) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Queue one experiment per recipe, run the queue one job at a time, wait for it."""
+    """Queue one experiment per recipe (a rerun replaces a recipe's earlier result), run the
+    queue one job at a time, wait for it."""
     from mamlops.config import TrainConfig, load_params
 
     params = load_params(ROOT / "params.yaml")
@@ -63,19 +64,30 @@ def run(args: argparse.Namespace) -> None:
         values = dict(overrides)
         meta_batch = values.get("meta_batch", base.meta_batch)
         values.setdefault("iterations", max(1, args.tasks // meta_batch))
-        # ++ adds a key the preset lacks or replaces it (Hydra override syntax)
         # ten validations per run, at the same numbers of tasks for every recipe
         values.setdefault("val_every", max(1, args.tasks // 10 // meta_batch))
-        sets = [f"presets.yaml:++{args.setting}.{k}={v}" for k, v in values.items()]
-        dvc("exp", "remove", exp, check=False)  # a rerun replaces the recipe's earlier result
-        cmd = ["exp", "run", "--queue", "-n", exp, "-S", "~train.settings"]
-        cmd += ["-S", f"+train.settings={{{args.setting}: {base.dataset}}}"]
-        for s in sets:
-            cmd += ["-S", s]
-        dvc(*cmd)
+        queue(exp, args.setting, base.dataset, values)
         print(f"queued {exp}: {', '.join(f'{k}={v}' for k, v in values.items())}", flush=True)
-    if args.queue_only:  # a queue worker already running picks them up in turn
-        return
+    if not args.queue_only:  # else a queue worker already running picks them up in turn
+        run_queue()
+
+
+def queue(exp: str, setting: str, dataset: str, overrides: dict) -> None:
+    """Queue the DVC experiment ``exp``: ``setting`` trained alone (train.settings replaced),
+    with presets.yaml ``overrides``; an earlier experiment of that name is replaced."""
+    # ++ adds a key the preset lacks or replaces it (Hydra override syntax)
+    sets = [f"presets.yaml:++{setting}.{k}={v}" for k, v in overrides.items()]
+    dvc("exp", "remove", exp, check=False)
+    cmd = ["exp", "run", "--queue", "-n", exp, "-S", "~train.settings"]
+    cmd += ["-S", f"+train.settings={{{setting}: {dataset}}}"]
+    for s in sets:
+        cmd += ["-S", s]
+    dvc(*cmd)
+
+
+def run_queue() -> None:
+    """Run the queued experiments one at a time (two runs on two cores slow each other down
+    many times over) and wait until none is queued or running."""
     # not through dvc(): the worker `queue start` leaves behind inherits its stdout, and reading
     # that pipe to its end would wait for the whole queue (`dvc queue logs <exp>` has the output)
     subprocess.run(

@@ -145,6 +145,19 @@ def test_report_table_and_readme(tmp_path) -> None:
     assert cli("--metrics", str(metrics), "--readme", str(readme)) == 0
     assert readme.read_text() == text  # idempotent
 
+    # rows trained elsewhere (benchmarks/omniglot_rows.py collects them): added, sorted by
+    # ways and shots, beside MAML++'s figure; the pipeline's own row wins on a shared setting
+    elsewhere = tmp_path / "rows"
+    _write_metrics(elsewhere / "metrics", "omniglot-20w1s", ways=20)
+    _write_metrics(elsewhere / "metrics", "omniglot-5w1s", hardware="elsewhere")
+    assert cli("--metrics", str(metrics), "--readme", str(readme), "--also", str(elsewhere)) == 0
+    rows = [line for line in readme.read_text().splitlines() if line.startswith("| omniglot")]
+    assert [r.split(" | ")[0] for r in rows] == ["| omniglot-5w1s", "| omniglot-20w1s"]
+    assert "CPU test" in rows[0] and "| 99.47 |" in rows[0]
+    assert "95.80 ± 0.30" in rows[1] and "| 97.65 |" in rows[1]
+    result = CliRunner().invoke(app, ["report", "--also", str(tmp_path / "nothing")])
+    assert result.exit_code == 1 and "no metrics/eval/ folder" in result.output
+
     readme.write_text("# no markers\n")
     with pytest.raises(report.ReportError, match="markers"):
         report.update_readme(readme, table)

@@ -495,12 +495,18 @@ def report(
         Path | None, typer.Option(help="rewrite this file's results section instead of printing")
     ] = None,
     metrics: Annotated[Path, typer.Option(help="folder with eval/ and train/")] = Path("metrics"),
+    also: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="a folder of runs made elsewhere (its metrics/ and results/); repeatable"
+        ),
+    ] = None,
 ) -> None:
-    """The results table (this project's accuracies beside the MAML paper's) from metrics/."""
+    """The results table (this project's accuracies beside the MAML paper's and MAML++'s)."""
     with command("report"):
-        from mamlops.report import load_results, render_table, update_readme
+        from mamlops.report import load_all, render_table, update_readme
 
-        table = render_table(load_results(metrics))
+        table = render_table(load_all(metrics, also or []))
         if readme is None:
             typer.echo(table)
             return

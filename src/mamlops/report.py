@@ -8,6 +8,7 @@ README are always the ones the pipeline produced and never typed by hand.
 
     mamlops report                      # print the table
     mamlops report --readme README.md   # rewrite the README section (make report)
+    mamlops report --also benchmarks/results/omniglot-rows   # plus rows trained elsewhere
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ PAPER: dict[tuple[str, int, int], tuple[float, float]] = {
 }
 
 
+# MAML++ (Antoniou et al. 2019, Table 1): Omniglot means as reported, miniImageNet with the std
+# over 3 seeds.
+MAMLPP: dict[tuple[str, int, int], str] = {
+    ("omniglot", 5, 1): "99.47",
+    ("omniglot", 5, 5): "99.93",
+    ("omniglot", 20, 1): "97.65",
+    ("omniglot", 20, 5): "99.33",
+    ("miniimagenet", 5, 1): "52.15 ± 0.26",
+    ("miniimagenet", 5, 5): "68.32 ± 0.44",
+}
+
+
 class ReportError(UserError):
     """Metrics or README cannot be used as they are; the message says what to do."""
 
@@ -57,6 +70,23 @@ def load_results(
     return rows
 
 
+def load_all(metrics_dir: str | Path = "metrics", also: list[Path] | tuple = ()) -> list[dict]:
+    """The pipeline's rows (``metrics_dir``), then those of each folder in ``also`` (each with
+    its own ``metrics/`` and ``results/``, e.g. benchmarks/results/omniglot-rows) for settings
+    the pipeline did not evaluate; ordered by data set, ways and shots."""
+    rows = {r["setting"]: r for r in load_results(metrics_dir)}
+    for root in map(Path, also):
+        if not (root / "metrics" / "eval").is_dir():
+            raise ReportError(f"{root}: no metrics/eval/ folder; give a folder of collected runs")
+        for r in load_results(root / "metrics", root / "results"):
+            rows.setdefault(r["setting"], r)
+    return sorted(rows.values(), key=_order)
+
+
+def _order(row: dict[str, Any]) -> tuple:
+    return (str(row.get("dataset")), row.get("ways") or 0, row.get("shots") or 0, row["setting"])
+
+
 def _pct(acc: float, ci: float) -> str:
     return f"{100 * acc:.2f} ± {100 * ci:.2f}"
 
@@ -74,13 +104,15 @@ def render_table(results: list[dict[str, Any]]) -> str:
         return "_No evaluated settings yet: run `dvc repro` (metrics/eval/ is empty)._"
     lines = [
         "| Setting | Task | Accuracy % (transductive BN) | Accuracy % (support BN) "
-        "| MAML paper % | Test episodes | Inner steps | Iterations | Train time | Hardware |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| MAML paper % | MAML++ % | Test episodes | Inner steps | Iterations | Train time "
+        "| Hardware |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         key = (r.get("dataset"), r.get("ways"), r.get("shots"))
         paper = PAPER.get(key)  # type: ignore[arg-type]
         paper_s = f"{paper[0]:.2f} ± {paper[1]:.2f}" if paper else "–"
+        mamlpp = MAMLPP.get(key, "–")  # type: ignore[arg-type]
         task = f"{r.get('dataset')} {r.get('ways')}-way {r.get('shots')}-shot"
         iters = f"{r.get('iterations')}"
         if r.get("train_iterations") not in (None, r.get("iterations")):
@@ -89,7 +121,7 @@ def render_table(results: list[dict[str, Any]]) -> str:
             f"| {r['setting']} | {task} "
             f"| {_pct(r['acc_transductive'], r['ci95_transductive'])} "
             f"| {_pct(r['acc_support'], r['ci95_support'])} "
-            f"| {paper_s} | {r.get('episodes', '–')} | {r.get('steps')} | {iters} "
+            f"| {paper_s} | {mamlpp} | {r.get('episodes', '–')} | {r.get('steps')} | {iters} "
             f"| {_train_time(r['train'])} | {r.get('hardware', '–')} |"
         )
     lines.append("")
@@ -98,7 +130,9 @@ def render_table(results: list[dict[str, Any]]) -> str:
         "(1.96 × population std / √n, as in the paper's code). *Transductive BN* normalises the "
         "query set with its own statistics (the paper's protocol, comparable to its column); "
         "*support BN* freezes the support set's statistics, as the deployed classifier does. "
-        "Paper: Finn et al. 2017, Tables 1–2, trained 60,000 iterations on a GPU."
+        "Paper: Finn et al. 2017, Tables 1–2, trained 60,000 iterations on a GPU; MAML++: "
+        "Antoniou et al. 2019, Table 1 (Omniglot means as reported, miniImageNet ± std over 3 "
+        "seeds)."
     )
     return "\n".join(lines)
 
