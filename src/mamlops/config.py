@@ -1,9 +1,12 @@
 """``params.yaml`` -> typed, frozen, checked configs: the one place its keys are read and named.
 
 Every stage reads its section through one ``*.from_params`` here; the rest of the library takes
-these objects and never looks at the YAML. A bad value fails before any work starts with a
-``ParamsError`` naming the key and what would work; this is the only module whose messages name
-``params.yaml`` keys. DVC tracks the keys each stage lists under ``params:`` in ``dvc.yaml``.
+these objects and never looks at the YAML. The frozen configs are also the schema: pydantic
+checks a section against their annotated types and ranges, and ``load_params`` checks the whole
+file, so a bad value or a typo anywhere fails before any work starts, with a ``ParamsError``
+naming the key and what would work (a did-you-mean for unknown keys). This is the only module
+whose messages name ``params.yaml`` keys. DVC tracks the keys each stage lists under ``params:``
+in ``dvc.yaml``.
 
 ``Layout`` is where the stages read and write by default (the paths ``dvc.yaml`` passes on each
 stage's command line; ``tests/test_layout.py`` checks the two agree), so ``mamlops train``
