@@ -297,44 +297,43 @@ def test_a_failed_stage_keeps_the_earlier_outputs(repo: Path, pipeline_env: dict
 def test_kill_9_of_dvc_repro_mid_training_then_repro_is_bitwise_equal(
     repo: Path, pipeline_env: dict[str, str]
 ):
-    """`kill -9` of `dvc repro` (its whole process group: DVC and the training under it) at
-    random points of a training from scratch; `mamlops check` then `dvc repro` (what make run
-    does) resume from the checkpoint and end with theta byte-identical to the uninterrupted run
-    (same machine, threads and shapes), and `dvc status` is clean."""
+    """`kill -9` of `dvc repro` (its whole process group: DVC and the training under it) at a
+    seeded random point of a training from scratch; `mamlops check` then `dvc repro` (what make
+    run does) resume from the checkpoint and end with theta byte-identical to the uninterrupted
+    run (same machine, threads and shapes), and `dvc status` is clean."""
     import random
     import signal
 
     model, ck = repo / "models" / SETTING, repo / "checkpoints" / SETTING
     before = {p.name: p.read_bytes() for p in model.glob("theta*.safetensors")}
-    rng = random.Random(12)
-    for _ in range(1):  # one random point per run of the suite: each round costs a training
-        shutil.rmtree(ck)  # from scratch: the kill lands in the middle of the run
-        proc = subprocess.Popen(
-            ["dvc", "repro", "-f", "-s", f"train@{SETTING}"],
-            cwd=repo,
-            env=pipeline_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 240
-        while not (ck / "checkpoint.pt").exists():
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 1.0))  # during a step, a validation or a checkpoint write
-        killed = proc.poll() is None
-        if killed:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        # DVC left its pid in .dvc/tmp/rwlock: a plain `dvc repro` refuses to run until it is
-        # gone; `mamlops check` (make run's first step) releases the locks of dead processes
-        checked = _run(["mamlops", "check"], repo, pipeline_env)
-        assert not killed or "released DVC's lock" in checked, checked
-        out = _run(["dvc", "repro"], repo, pipeline_env)
-        assert not killed or "Running stage 'train@" in out, out
-        assert {p.name: p.read_bytes() for p in model.glob("theta*.safetensors")} == before
-        assert "up to date" in _run(["dvc", "status"], repo, pipeline_env)
+    rng = random.Random(12)  # one random point per suite run: each costs a training
+    shutil.rmtree(ck)  # from scratch: the kill lands in the middle of the run
+    proc = subprocess.Popen(
+        ["dvc", "repro", "-f", "-s", f"train@{SETTING}"],
+        cwd=repo,
+        env=pipeline_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (ck / "checkpoint.pt").exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 1.0))  # during a step, a validation or a checkpoint write
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # DVC left its pid in .dvc/tmp/rwlock: a plain `dvc repro` refuses to run until it is
+    # gone; `mamlops check` (make run's first step) releases the locks of dead processes
+    checked = _run(["mamlops", "check"], repo, pipeline_env)
+    assert not killed or "released DVC's lock" in checked, checked
+    out = _run(["dvc", "repro"], repo, pipeline_env)
+    assert not killed or "Running stage 'train@" in out, out
+    assert {p.name: p.read_bytes() for p in model.glob("theta*.safetensors")} == before
+    assert "up to date" in _run(["dvc", "status"], repo, pipeline_env)
 
 
 def query_images(repo: Path, labels: list[str], dest: Path, per_class: int = 3) -> list[Path]:
