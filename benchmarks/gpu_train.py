@@ -1,7 +1,8 @@
 """Meta-train a paper preset on one CUDA GPU inside a fixed wall-clock budget.
 
 For a short GPU rental: a machine with PyTorch (plus numpy, pyyaml, safetensors, pillow and
-matplotlib, as stock PyTorch images have) but not this project's venv. Copy the repository with
+matplotlib, as stock PyTorch images have, and pydantic for the params schema: the script says
+how to carry it if it is missing) but not this project's venv. Copy the repository with
 its prepared data (``data/prepared/omniglot``, 30 MB, from ``dvc repro prepare``), then::
 
     python3 benchmarks/gpu_train.py --preset paper-omniglot-5w1s --minutes 8.5 --out gpu-run
@@ -55,6 +56,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 
 import torch
+
+try:
+    import pydantic  # noqa: F401  (params.yaml's schema, mamlops/config.py)
+    import yaml  # noqa: F401
+except ModuleNotFoundError as exc:
+    sys.exit(
+        f"gpu_train.py needs {exc.name}, which this machine lacks. Where pip can download: "
+        "pip download pydantic==2.14.4 pyyaml==6.0.4 -d wheels (on a machine of the same "
+        "Python and platform), carry wheels/ along, then pip install --no-index wheels/*.whl"
+    )
 
 from mamlops import maml
 from mamlops.checkpoint import (
