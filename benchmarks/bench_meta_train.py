@@ -1,7 +1,8 @@
 """Time MAML meta-training iterations: this implementation vs a per-task loop vs ``higher``.
 
 Paper config by default: Omniglot 5-way 1-shot, meta-batch 32, 1 inner step (lr 0.4), second
-order, 1 query image per class (as cbfinn/maml); ``--query 15`` for the common variant. Every
+order, 1 query image per class (as cbfinn/maml); ``--query 15`` for the common variant, and
+``--ways --shots --inner-steps`` for the other rows (``--no-higher``: ours only). Every
 implementation runs the same iteration (meta-loss, backward, Adam step) on the same tasks,
 in one process, alternating repeats so that background load hits all alike. Random images:
 speed does not depend on pixel values.
@@ -280,6 +281,10 @@ def profile_step(name: str, step: Callable[[], None], flops: int, peak: float, i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--query", type=int, default=1, help="query images per class")
+    ap.add_argument("--ways", type=int, default=5)
+    ap.add_argument("--shots", type=int, default=1)
+    ap.add_argument("--inner-steps", type=int, default=1)
+    ap.add_argument("--inner-lr", type=float, default=0.4)
     ap.add_argument("--meta-batch", type=int, default=32)
     ap.add_argument("--iters", type=int, default=3, help="iterations per timed block")
     ap.add_argument("--repeats", type=int, default=5, help="alternating blocks per implementation")
@@ -328,10 +333,12 @@ def main() -> None:
         raise SystemExit(0 if check_grad(device) else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = ConvNetConfig.for_dataset("omniglot", 5)
-    tasks = make_tasks(cfg, args.meta_batch, shots=1, queries=args.query, device=device)
-    base = MAMLConfig(inner_lr=0.4, inner_steps=1, first_order=False, strategy="auto")
-    chosen = resolve_strategy("auto", device, cfg, cfg.ways * (1 + args.query))
+    cfg = ConvNetConfig.for_dataset("omniglot", args.ways)
+    tasks = make_tasks(cfg, args.meta_batch, shots=args.shots, queries=args.query, device=device)
+    base = MAMLConfig(
+        inner_lr=args.inner_lr, inner_steps=args.inner_steps, first_order=False, strategy="auto"
+    )
+    chosen = resolve_strategy("auto", device, cfg, cfg.ways * (args.shots + args.query))
     bf16 = args.dtype == "bf16"
     ours_name = f"mamlops ({chosen}, = auto)"
     names = {s: ours_name if s == chosen else f"mamlops ({s})" for s in ("loop", "batched")}
@@ -369,7 +376,8 @@ def main() -> None:
         else f"{torch.get_num_threads()} threads, malloc {malloc}"
     )
     print(
-        f"Omniglot 5-way 1-shot, meta-batch {args.meta_batch}, 1 inner step, second order, "
+        f"Omniglot {args.ways}-way {args.shots}-shot, meta-batch {args.meta_batch}, "
+        f"{args.inner_steps} inner step(s), second order, "
         f"{args.query} query/class, {args.dtype}, {where}"
     )
     print(
