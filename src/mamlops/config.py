@@ -178,31 +178,34 @@ def check_params(params: dict[str, Any]) -> None:
             f"params.yaml: unknown section(s) {unknown}{'; ' + hint if hint else ''}; "
             f"known: {', '.join(SECTIONS)}"
         )
-    if "data" in params:
-        DataConfig.from_params(params)
-    if "prepare" in params:
-        PrepareConfig.from_params(params)
-    if "train" in params:
-        train = _section(params, "train")
-        for name in {**(params.get(PRESETS_FILE) or {}), **(train.get("presets") or {})}:
-            TrainConfig.from_params(params, name)
-        prepared = PrepareConfig.from_params(params).datasets if "prepare" in params else None
-        for name, dataset in train_settings(params).items():
-            cfg = TrainConfig.from_params(params, name)  # an unknown name: did-you-mean
-            if dataset != cfg.dataset:
-                raise ParamsError(
-                    f"params.yaml: train.settings.{name} is {dataset!r}, but the preset trains "
-                    f"on {cfg.dataset!r}; make them agree"
-                )
-            if prepared is not None and dataset not in prepared:
-                raise ParamsError(
-                    f"params.yaml: train.settings.{name} trains on {dataset}, which "
-                    f"prepare.datasets {list(prepared)} does not prepare; add it there"
-                )
-    if "evaluate" in params:
-        EvaluateConfig.from_params(params)
+    prepare = PrepareConfig.from_params(params) if "prepare" in params else None
+    for name, section in (("data", DataConfig), ("evaluate", EvaluateConfig)):
+        if name in params:
+            section.from_params(params)
     if "export" in params:
         ExportConfig.from_params(params)
+    if "train" not in params:
+        return
+    configs = {name: TrainConfig.from_params(params, name) for name in _presets(params)}
+    for name, dataset in train_settings(params).items():
+        # a name without a preset: from_params raises with a did-you-mean
+        cfg = configs.get(name) or TrainConfig.from_params(params, name)
+        if dataset != cfg.dataset:
+            raise ParamsError(
+                f"params.yaml: train.settings.{name} is {dataset!r}, but the preset trains "
+                f"on {cfg.dataset!r}; make them agree"
+            )
+        if prepare is not None and dataset not in prepare.datasets:
+            raise ParamsError(
+                f"params.yaml: train.settings.{name} trains on {dataset}, which "
+                f"prepare.datasets {list(prepare.datasets)} does not prepare; add it there"
+            )
+
+
+def _presets(params: dict[str, Any]) -> dict[str, Any]:
+    """presets.yaml's presets and a params file's own ``train.presets`` (those win on a name)."""
+    train = _section(params, "train")
+    return {**(params.get(PRESETS_FILE) or {}), **(train.get("presets") or {})}
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
@@ -474,7 +477,7 @@ class TrainConfig:
         own, from its ``train.presets`` section; the latter wins on a name both define.
         """
         train = _section(params, "train")
-        presets = {**(params.get(PRESETS_FILE) or {}), **(train.get("presets") or {})}
+        presets = _presets(params)
         if name not in presets:
             known = ", ".join(sorted(presets)) or "none"
             close = difflib.get_close_matches(name, list(presets), n=1)
