@@ -22,6 +22,7 @@ counted from the start of each MLflow run, so they include loading the data and 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -33,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "benchmarks" / "recipes.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "time-to-accuracy"
 PREFIX = "tta"
+# the venv's dvc and python (the stages' commands), also when the venv is not on PATH
+# (`.venv/bin/python benchmarks/time_to_accuracy.py ...`)
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def dvc(*args: str, check: bool = True) -> str:

@@ -336,6 +336,58 @@ def test_kill_9_of_dvc_repro_mid_training_then_repro_is_bitwise_equal(
     assert "up to date" in _run(["dvc", "status"], repo, pipeline_env)
 
 
+@pytest.mark.parametrize(
+    ("stage", "out", "seed"),
+    [("download", "data/raw/omniglot", 3), ("prepare@omniglot", "data/prepared/omniglot", 4)],
+)
+def test_kill_9_of_dvc_repro_in_download_or_prepare_then_repro_is_bitwise_equal(
+    repo: Path, pipeline_env: dict[str, str], stage: str, out: str, seed: int
+):
+    """`kill -9` of `dvc repro` (DVC and the stage under it) at a seeded random point after the
+    stage made its work folder: fetching, extracting or verifying the zips, decoding the images
+    or writing the episodes. `mamlops check` then `dvc repro` (make run) redo that stage alone
+    (prepare comes back from DVC's run-cache), end with the same files byte for byte (nothing
+    downstream reruns: their inputs hash the same) and leave no work folder of the killed
+    process behind."""
+    import random
+    import signal
+
+    from mamlops.files import folder_digest
+
+    dest = repo / out
+    before = folder_digest(dest)
+    pattern = f".{dest.name}-tmp-*"
+    if stage == "download":
+        shutil.rmtree(dest)  # a first download: with a verified copy the stage only re-checks it
+    proc = subprocess.Popen(
+        ["dvc", "repro", "-f", "-s", stage],
+        cwd=repo,
+        env=pipeline_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(dest.parent.glob(pattern)):
+        assert proc.poll() is None, f"{stage} ended before it made its work folder"
+        assert time.monotonic() < deadline, f"{stage} made no work folder within 120 s"
+        time.sleep(0.01)
+    time.sleep(random.Random(seed).uniform(0.0, 8.0))  # the stage takes about 10 s here
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = list(dest.parent.glob(pattern))
+    # DVC restores a prepared folder from its run-cache without running prepare, so the stage
+    # itself would never sweep what the killed one left: `mamlops check` does
+    checked = _run(["mamlops", "check"], repo, pipeline_env)
+    assert not left or "removed the work folders of killed stages" in checked, checked
+    ran = _run(["dvc", "repro"], repo, pipeline_env)
+    assert "Running stage 'train@" not in ran and "Running stage 'evaluate" not in ran, ran
+    assert folder_digest(dest) == before
+    assert not list(dest.parent.glob(pattern)), "the killed run's work folder is still there"
+    assert "up to date" in _run(["dvc", "status"], repo, pipeline_env)
+
+
 def query_images(repo: Path, labels: list[str], dest: Path, per_class: int = 3) -> list[Path]:
     """Real drawings of the exported classes as PNG files, rotated as the class says."""
     from PIL import Image

@@ -145,20 +145,30 @@ def _process_settings(
 @app.command()
 def check(params_file: ParamsFile = PARAMS_DEFAULT) -> None:
     """Pre-flight before `dvc repro` deletes anything: params and presets against the schema, the
-    trained settings, the MLflow store; releases DVC's lock of a killed dvc (make run runs it)."""
+    trained settings, the MLflow store; releases DVC's lock of a killed dvc and removes the work
+    folders a killed download or prepare left (make run runs it)."""
     with command("check"):
-        from mamlops import tracking
-        from mamlops.config import load_params, train_settings
-        from mamlops.files import release_dead_dvc_locks
+        from mamlops import datasets, tracking
+        from mamlops.config import Layout, load_params, train_settings
+        from mamlops.files import release_dead_dvc_locks, sweep_abandoned
 
         settings = train_settings(load_params(params_file))  # the whole file, checked
         uri = tracking.tracking_uri()
         tracking.check_store(uri)
-        dead = release_dead_dvc_locks(params_file.parent)
+        root = params_file.parent
+        dead = release_dead_dvc_locks(root)
+        # a stage sweeps these itself when it runs, but DVC restores a prepared folder from its
+        # run-cache without running prepare, so they would stay until the data changes
+        layout = Layout(root)
+        outs = [layout.raw_omniglot, *map(layout.prepared, datasets.NAMES)]
+        swept = [p for out in outs for p in sweep_abandoned(out)]
     from mamlops.urls import redact
 
     if dead:
         typer.echo(f"check: released DVC's lock held by dead process(es) {dead} (a kill -9)")
+    if swept:
+        names = ", ".join(str(p) for p in swept)
+        typer.echo(f"check: removed the work folders of killed stages: {names}")
     typer.echo(
         f"check: {params_file} and its presets are valid; trains {', '.join(settings) or 'none'}; "
         f"tracking store {redact(uri)} ready"
