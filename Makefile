@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data/omniglot/images_background.zip),)
 export MAMLOPS_DATA_MIRROR ?= $(abspath ../shared/data/omniglot)
 endif
 
-.PHONY: install run test lint format bench report omniglot-rows paper-omniglot gpu-train time-to-accuracy plots screenshots mlflow-ui
+.PHONY: install run test lint format bench report omniglot-rows paper-omniglot gpu-train time-to-accuracy plots screenshots mlflow-ui tracking-server tracking-server-check tracking-server-stop
 
 $(BIN)/mamlops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,21 @@ plots: install
 mlflow-ui: install
 	@echo "open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# A team's tracking server on this machine: PostgreSQL (Debian's postgresql package, installed
+# here when missing) as MLflow's backend store, `mlflow server` on 127.0.0.1:5000. Then
+# `export MLFLOW_TRACKING_URI=http://127.0.0.1:5000` and every stage logs there.
+tracking-server: install
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		apt-get install -y postgresql
+	$(BIN)/python scripts/tracking_server.py start
+
+# a tiny pipeline run logged through that server, then read back over its REST API
+tracking-server-check: tracking-server
+	$(BIN)/python scripts/tracking_server.py check
+
+tracking-server-stop:
+	$(BIN)/python scripts/tracking_server.py stop
 
 # The README's pictures (docs/img/): the plots page and the MLflow UI in headless Chromium
 # (Debian's chromium and chromium-driver: apt-get install chromium chromium-driver).

@@ -551,6 +551,36 @@ def _wait_for_queue(repo: Path, env: dict[str, str], timeout: float = 600) -> st
         time.sleep(5)
 
 
+@pytest.mark.timeout(600)
+def test_a_second_clone_reproduces_from_a_dvc_remote_without_retraining(
+    repo: Path, pipeline_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`dvc push` of everything the pipeline made (data, prepared data, theta, checkpoints,
+    classifiers) to a remote (here a local folder), then a `git clone` elsewhere and
+    `dvc repro --pull`: every output comes from the remote, no stage runs, `dvc status` is
+    clean, and theta is byte-identical. No MLflow store travels: nothing is run to need one."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    remote = tmp_path / "remote"
+    _run(
+        ["dvc", "remote", "add", "--force", "--default", "storage", str(remote)], repo, pipeline_env
+    )
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "--allow-empty", "-qm", "remote"], cwd=repo, check=True)
+    _run(["dvc", "push"], repo, pipeline_env)
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    env = {**pipeline_env, "MAMLOPS_DATA_MIRROR": str(tmp_path / "no-mirror")}  # no download
+    out = _run(["dvc", "repro", "--pull"], clone, env)
+    assert "Running stage" not in out, out
+    assert "up to date" in _run(["dvc", "status"], clone, env)
+    for rel in ("theta.safetensors", "theta_best.safetensors", "model.onnx"):
+        path = Path("models") / SETTING / rel
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
+    ck = Path("checkpoints") / SETTING / "checkpoint.pt"
+    assert (clone / ck).read_bytes() == (repo / ck).read_bytes()
+
+
 @pytest.mark.timeout(900)
 def test_the_experiment_loop(repo: Path, pipeline_env: dict[str, str]) -> None:
     """What a user does after `dvc repro`, as the README says it: change a param as a workspace
@@ -560,15 +590,19 @@ def test_the_experiment_loop(repo: Path, pipeline_env: dict[str, str]) -> None:
     once with 'written with other train params'). Runs last here: it changes the workspace."""
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)  # what the README says to do
-    subprocess.run([*git, "commit", "-qm", "the tiny run's results"], cwd=repo, check=True)
+    subprocess.run(
+        [*git, "commit", "--allow-empty", "-qm", "the tiny run's results"], cwd=repo, check=True
+    )
     out = _run(
-        # evaluate.steps=1 only keeps the suite short
+        # evaluate.steps=1 only keeps the suite short; processes=2: the stage runs itself
+        # under torchrun (tests/test_distributed.py compares that with one process)
         ["dvc", "exp", "run", "-n", "mb2", "-S", f"presets.yaml:{SETTING}.meta_batch=2"]
-        + ["-S", "evaluate.steps=1"],
+        + ["-S", "train.common.processes=2", "-S", "evaluate.steps=1"],
         repo,
         pipeline_env,
     )
     assert "other train params: starting from scratch" in out
+    assert out.count(f"{SETTING}: best val acc") == 1, out  # rank 0 alone reports and writes
     assert json.loads((repo / "metrics" / "train" / f"{SETTING}.json").read_text())
 
     for name, lr in (("lr-a", 0.2), ("lr-b", 0.3)):
@@ -601,8 +635,11 @@ def test_the_experiment_loop(repo: Path, pipeline_env: dict[str, str]) -> None:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp_id = client.get_experiment_by_name("mamlops").experiment_id
-    names = {r.info.run_name for r in client.search_runs([exp_id], max_results=200)}
+    runs = client.search_runs([exp_id], max_results=200)
+    names = {r.info.run_name for r in runs}
     assert {f"{SETTING} lr-a", f"{SETTING} lr-b", f"{SETTING} mb2"} <= names, names
+    mb2 = [r.data.tags.get("mamlops.processes") for r in runs if r.info.run_name.endswith("mb2")]
+    assert mb2 == ["2"], mb2  # one training run, from rank 0
 
     # readable: the params that differ and the metrics, no dependency hashes, no strings
     # (the README's compact view; plain --only-changed adds the hashes of outputs used as deps)

@@ -42,6 +42,7 @@ CHECKPOINT = "checkpoint.pt"
 TRAINING_CODE = (
     "config.py",
     "datasets.py",
+    "distributed.py",
     "episodes.py",
     "maml.py",
     "model.py",
@@ -110,12 +111,17 @@ def resume_key(cfg: TrainConfig, prepared_dir: Path, device_type: str) -> dict[s
     """What a training run's result depends on: its config, the prepared data (every file of
     ``prepared_dir``, about 0.1 s for Omniglot) and the training code (``TRAINING_CODE``). A
     checkpoint resumes only a run with the same key, so a changed split or a code fix never
-    continues from a state it did not produce. ``device_type`` too: the task sampler's generator
-    state is device-specific (a CPU run's cannot drive a CUDA generator)."""
+    continues from a state it did not produce; the number of processes is not part of it
+    (``distributed``: a checkpoint resumes with another world size). ``device_type`` is: the
+    task sampler's generator state is device-specific (a CPU run's cannot drive a CUDA
+    generator)."""
     prepared_dir = Path(prepared_dir)
     package = Path(__file__).parent
+    # not the number of processes: every process draws the whole meta-batch's random numbers,
+    # so the state is the same whatever the world size and resumes with any other
+    config = {k: v for k, v in cfg.to_dict().items() if k != "processes"}
     return {
-        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "config": json.dumps(config, sort_keys=True),
         "data": folder_digest(prepared_dir),
         "code": files_digest([package / name for name in TRAINING_CODE], package),
         "device": device_type,

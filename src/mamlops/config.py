@@ -451,6 +451,7 @@ class TrainConfig:
     maml: MAMLConfig = field(default_factory=MAMLConfig)
     seed: NonNegInt = 0
     device: Str = "auto"
+    processes: PosInt = 1  # >1: data-parallel under torchrun (distributed.py)
     amp_bf16: Bool = False
     cosine_meta_lr: Bool = False
     grad_clip: NonNegFloat = 0.0
@@ -467,6 +468,11 @@ class TrainConfig:
         cfg = _checked(cls, nested, where)
         if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
             raise ParamsError(f"{where}.device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+        if cfg.meta_batch % cfg.processes:
+            raise ParamsError(
+                f"{where}: meta_batch {cfg.meta_batch} does not split over {cfg.processes} "
+                f"processes; make meta_batch a multiple of processes"
+            )
         return cfg
 
     @classmethod

@@ -232,8 +232,13 @@ class TaskSampler:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         self.generator = generator
 
-    def sample(self, n_tasks: int) -> Tasks:
-        """``n_tasks`` tasks; classes without repeats within a task, in random label order."""
+    def sample(self, n_tasks: int, part: slice | None = None) -> Tasks:
+        """``n_tasks`` tasks; classes without repeats within a task, in random label order.
+
+        ``part`` keeps only those tasks (a process's shard under torchrun): the random numbers
+        of all ``n_tasks`` are still drawn, so the generator, and the tasks of every shard, are
+        the same whatever the number of processes.
+        """
         g = self.generator
         n_classes, n_images = self.bank.shape[:2]
         # top-k of uniform noise = N distinct classes in random order (random label assignment)
@@ -243,6 +248,8 @@ class TaskSampler:
         rows = rows.topk(self.ways, dim=1).indices
         noise = torch.rand(n_tasks, self.ways, n_images, generator=g, device=g.device)
         images = noise.argsort(dim=-1)[..., : self.shots + self.query]
+        if part is not None:
+            rows, images = rows[part], images[part]
         return gather_tasks(self.bank, rows, images, self.shots, self.dataset)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mamlops import maml, tracking
+from mamlops import distributed, maml, tracking
 from mamlops.checkpoint import (
     CHECKPOINT,
     load_checkpoint,
@@ -97,6 +97,8 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     tracking_run: str | None = None,
+    world: distributed.World = distributed.SINGLE,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Meta-train ``cfg`` and write ``out_dir/theta.safetensors`` and ``theta_best.safetensors``.
 
@@ -105,9 +107,13 @@ def train(
     replaced, with a one-line notice). ``stop_after`` ends the
     loop early at that step (tests use it to simulate an interruption without killing it).
     ``tracking_run`` (an MLflow run id) is kept in the checkpoint, so that a resumed run goes on
-    logging into it (``checkpoint.resumable_run``).
+    logging into it (``checkpoint.resumable_run``). Under torchrun, ``world`` and ``device``
+    come from ``distributed.process_group``: each process computes its shard of every
+    meta-batch, and only ``world.main`` validates and writes files (the others return the same
+    step, loss and timing, without validation results).
     """
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device) if device is None else device
+    part = world.shard(cfg.meta_batch)
     model_cfg, maml_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways), cfg.maml
     train_bank = load_bank(prepared_dir, "train").to(device)
     # tasks are drawn where the bank is: on CUDA no index tensor crosses to the GPU each step
@@ -124,7 +130,7 @@ def train(
     opt = torch.optim.Adam(params.values(), lr=cfg.meta_lr)
 
     ckpt_path = checkpoint_dir / CHECKPOINT
-    state = load_checkpoint(ckpt_path)
+    state = distributed.broadcast(load_checkpoint(ckpt_path) if world.main else None, world)
     key = resume_key(cfg, prepared_dir, device.type)
     start, best_val, best_step, history = 0, -1.0, -1, []
     best_params: dict[str, torch.Tensor] | None = None
@@ -134,7 +140,8 @@ def train(
         # other params (`dvc exp run -S ...` after a finished run), another split, a code fix,
         # a CPU checkpoint on a GPU: resuming would continue a state this run did not produce,
         # so it starts from scratch and replaces the checkpoint
-        print(f"{ckpt_path} {why}: starting from scratch")
+        if world.main:
+            print(f"{ckpt_path} {why}: starting from scratch")
         state = None
     if state is not None:
         with torch.no_grad():
@@ -149,6 +156,8 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(step: int) -> None:
+        if not world.main:
+            return
         save_checkpoint(
             ckpt_path,
             {
@@ -167,7 +176,7 @@ def train(
         )
 
     end = cfg.iterations if stop_after is None else min(stop_after, cfg.iterations)
-    bar = _Progress(cfg.iterations, start, enabled=progress)
+    bar = _Progress(cfg.iterations, start, enabled=progress and world.main)
     t0, rate = time.perf_counter(), 0.0
     # the last logged loss (a resume of a finished run trains no step to read one from)
     loss_value = next((row["loss"] for row in reversed(history) if "loss" in row), float("nan"))
@@ -183,11 +192,15 @@ def train(
             )
             for group in opt.param_groups:
                 group["lr"] = lr
-            tasks = sampler.sample(cfg.meta_batch)
+            tasks = sampler.sample(cfg.meta_batch, part)  # this process's shard (all of it)
             with autocast:
                 loss, m = maml.meta_loss(params, tasks, model_cfg, maml_cfg, step=step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            # one all-reduce: the shards' mean gradients, loss and accuracy (no-op alone)
+            m["loss"], m["query_acc"] = distributed.average_gradients(
+                params, world, m["loss"], m["query_acc"]
+            )
             maml.clip_meta_grad(params, cfg.grad_clip or None)
             window_tasks += cfg.meta_batch
             done = step + 1
@@ -223,7 +236,7 @@ def train(
                     "tasks_per_s": rate,
                     **learned_inner_lrs(params),
                 }
-            if val_now:
+            if val_now and world.main:
                 val_acc = validate(params, cfg, val_bank, val_eps, device)
                 row = {**row, "step": done, "val_acc": val_acc}
                 if val_acc > best_val:
@@ -243,7 +256,7 @@ def train(
     final_step = end
     if final_step > start or state is None:
         checkpoint(final_step)
-    if final_step == cfg.iterations:
+    if final_step == cfg.iterations and world.main:
         # both files every time, also when a resume finds the run already done: DVC deleted
         # them before it ran the stage (the last iteration always validates, so a best exists)
         save_theta(params, theta_file(out_dir, "final"), cfg, final_step)
@@ -290,7 +303,7 @@ def train_stage(
     curves_png: Path,
     *,
     progress: bool = True,
-) -> TrainResult:
+) -> TrainResult | None:
     """The stage ``train@<setting>`` (and ``mamlops train``): ``train`` inside one MLflow run.
 
     Writes ``model_dir/theta{,_best}.safetensors``, the summary ``metrics_path`` (JSON, numbers
@@ -298,7 +311,48 @@ def train_stage(
     accuracy) and their PNG. MLflow gets the effective config as ``train.<key>`` params, the
     prepared data as a dataset input, every logged step (``train/*``, ``val/*``), the theta
     hashes evaluate/export look the run up by, the curves, checkpoint and theta.
+
+    With ``processes`` > 1 and no launcher, the command that called this (the stage script or
+    ``mamlops train``) is run in that many processes by torchrun's launcher
+    (``distributed.launch``), and this returns None once they are done; in each of them the
+    process with rank 0 does all of the above, the others only their shard of the training.
     """
+    if cfg.processes > 1 and not distributed.launched():
+        tracking.check_store(tracking.tracking_uri())  # a dead server: one line, before spawning
+        distributed.launch(cfg.processes)
+        return None
+    with distributed.process_group(resolve_device(cfg.device)) as (world, device):
+        if not world.main:
+            try:
+                return train(
+                    cfg, prepared_dir, model_dir, Path(checkpoint_dir), progress=False,
+                    world=world, device=device,
+                )  # fmt: skip
+            except NonFiniteLossError:
+                # every process sees the same averaged loss and stops at the same step: rank 0
+                # says so; this one waits for the launcher to end it, so the line is printed once
+                time.sleep(30)
+                raise
+        return _train_stage(
+            cfg, prepared_dir, model_dir, checkpoint_dir, metrics_path, train_tsv, val_tsv,
+            curves_png, progress=progress, world=world, device=device,
+        )  # fmt: skip
+
+
+def _train_stage(
+    cfg: TrainConfig,
+    prepared_dir: Path,
+    model_dir: Path,
+    checkpoint_dir: Path,
+    metrics_path: Path,
+    train_tsv: Path,
+    val_tsv: Path,
+    curves_png: Path,
+    *,
+    progress: bool,
+    world: distributed.World,
+    device: torch.device,
+) -> TrainResult:
     model_dir, prepared_dir = Path(model_dir), Path(prepared_dir)
     config = {k: v for k, v in cfg.to_dict().items() if k != "name"}
     description = (
@@ -306,7 +360,6 @@ def train_stage(
         f"{cfg.iterations} iterations of {cfg.meta_batch} tasks "
         f"({'first' if cfg.maml.first_order else 'second'} order)."
     )
-    device = resolve_device(cfg.device)
     interrupted = resumable_run(Path(checkpoint_dir), resume_key(cfg, prepared_dir, device.type))
     with tracking.start_run(
         f"train@{cfg.name}",
@@ -317,6 +370,7 @@ def train_stage(
         tags={
             "mamlops.setting": cfg.name,
             "mamlops.hardware": hardware(device),
+            "mamlops.processes": str(world.size),
         },
     ) as run:
         tracking.log_dataset(prepared_dir, cfg.dataset, "training")
@@ -328,6 +382,8 @@ def train_stage(
             on_metrics=tracking.log_training_metrics,
             progress=progress,
             tracking_run=run.info.run_id,
+            world=world,
+            device=device,
         )
         write_history(result.history, Path(train_tsv), TRAIN_COLUMNS)
         write_history(result.history, Path(val_tsv), VAL_COLUMNS)
