@@ -80,7 +80,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, pipeline_env: dict[str, str])
         checkpoint_every=10,
         log_every=5,
     )
-    params["evaluate"]["steps"] = 3  # 600 episodes x 3 steps keeps the suite short
+    params["evaluate"]["steps"] = 1  # 600 episodes x 1 step keeps the suite short
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     presets_path.write_text(yaml.safe_dump(presets, sort_keys=False))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
@@ -187,7 +187,7 @@ def test_mlflow_run_recorded(repo: Path) -> None:
     assert set(stages) == {f"evaluate@{SETTING}", f"export@{SETTING}"}
     assert all(c.info.status == "FINISHED" for c in children)
     ev = stages[f"evaluate@{SETTING}"].data
-    assert 0.2 < ev.metrics["eval/acc_transductive"] <= 1 and ev.params["evaluate.steps"] == "3"
+    assert 0.2 < ev.metrics["eval/acc_transductive"] <= 1 and ev.params["evaluate.steps"] == "1"
     assert not {k for k in ev.metrics if not k.startswith("eval/")}
 
 
@@ -210,7 +210,7 @@ def test_evaluate_metrics(repo: Path, pipeline_env: dict[str, str]) -> None:
     assert "acc_transductive" in shown and "ci95_support" in shown
     steps_csv = (repo / "plots" / "eval" / f"{SETTING}.csv").read_text().splitlines()
     assert steps_csv[0].split(",")[:3] == ["step", "acc_transductive", "acc_support"]
-    assert len(steps_csv) == 1 + 4  # steps 0..3
+    assert len(steps_csv) == 1 + 2  # steps 0..1
     assert (repo / "plots" / "episodes" / f"{SETTING}.png").stat().st_size > 1000
 
 
