@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -294,6 +297,40 @@ def test_a_failed_stage_keeps_the_earlier_outputs(repo: Path, pipeline_env: dict
     assert "up to date" in _run(["dvc", "status"], repo, pipeline_env)
 
 
+def _kill_dvc_repro(
+    repo: Path,
+    env: dict[str, str],
+    stage: str,
+    *,
+    started: Callable[[], bool],
+    what: str,
+    timeout: float,
+    delay: float,
+) -> bool:
+    """`dvc repro -f -s stage` in a process group of its own, killed with SIGKILL (DVC and the
+    stage under it) ``delay`` seconds after ``started()`` first holds, unless it ended by then.
+    Whether it was killed."""
+    proc = subprocess.Popen(
+        ["dvc", "repro", "-f", "-s", stage],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while not started():
+        assert proc.poll() is None, f"{stage} ended before {what}"
+        assert time.monotonic() < deadline, f"{stage}: no {what} within {timeout:.0f} s"
+        time.sleep(0.01)
+    time.sleep(delay)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
 def test_kill_9_of_dvc_repro_mid_training_then_repro_is_bitwise_equal(
     repo: Path, pipeline_env: dict[str, str]
 ):
@@ -301,31 +338,19 @@ def test_kill_9_of_dvc_repro_mid_training_then_repro_is_bitwise_equal(
     seeded random point of a training from scratch; `mamlops check` then `dvc repro` (what make
     run does) resume from the checkpoint and end with theta byte-identical to the uninterrupted
     run (same machine, threads and shapes), and `dvc status` is clean."""
-    import random
-    import signal
-
     model, ck = repo / "models" / SETTING, repo / "checkpoints" / SETTING
     before = {p.name: p.read_bytes() for p in model.glob("theta*.safetensors")}
     rng = random.Random(12)  # one random point per suite run: each costs a training
     shutil.rmtree(ck)  # from scratch: the kill lands in the middle of the run
-    proc = subprocess.Popen(
-        ["dvc", "repro", "-f", "-s", f"train@{SETTING}"],
-        cwd=repo,
-        env=pipeline_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    killed = _kill_dvc_repro(
+        repo,
+        pipeline_env,
+        f"train@{SETTING}",
+        started=(ck / "checkpoint.pt").exists,
+        what="its first checkpoint",
+        timeout=240,
+        delay=rng.uniform(0.0, 1.0),  # during a step, a validation or a checkpoint write
     )
-    deadline = time.monotonic() + 240
-    while not (ck / "checkpoint.pt").exists():
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0.0, 1.0))  # during a step, a validation or a checkpoint write
-    killed = proc.poll() is None
-    if killed:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
     # DVC left its pid in .dvc/tmp/rwlock: a plain `dvc repro` refuses to run until it is
     # gone; `mamlops check` (make run's first step) releases the locks of dead processes
     checked = _run(["mamlops", "check"], repo, pipeline_env)
@@ -349,9 +374,6 @@ def test_kill_9_of_dvc_repro_in_download_or_prepare_then_repro_is_bitwise_equal(
     (prepare comes back from DVC's run-cache), end with the same files byte for byte (nothing
     downstream reruns: their inputs hash the same) and leave no work folder of the killed
     process behind."""
-    import random
-    import signal
-
     from mamlops.files import folder_digest
 
     dest = repo / out
@@ -359,23 +381,15 @@ def test_kill_9_of_dvc_repro_in_download_or_prepare_then_repro_is_bitwise_equal(
     pattern = f".{dest.name}-tmp-*"
     if stage == "download":
         shutil.rmtree(dest)  # a first download: with a verified copy the stage only re-checks it
-    proc = subprocess.Popen(
-        ["dvc", "repro", "-f", "-s", stage],
-        cwd=repo,
-        env=pipeline_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    _kill_dvc_repro(
+        repo,
+        pipeline_env,
+        stage,
+        started=lambda: bool(list(dest.parent.glob(pattern))),
+        what="its work folder",
+        timeout=120,
+        delay=random.Random(seed).uniform(0.0, 8.0),  # the stage takes about 10 s here
     )
-    deadline = time.monotonic() + 120
-    while not list(dest.parent.glob(pattern)):
-        assert proc.poll() is None, f"{stage} ended before it made its work folder"
-        assert time.monotonic() < deadline, f"{stage} made no work folder within 120 s"
-        time.sleep(0.01)
-    time.sleep(random.Random(seed).uniform(0.0, 8.0))  # the stage takes about 10 s here
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
     left = list(dest.parent.glob(pattern))
     # DVC restores a prepared folder from its run-cache without running prepare, so the stage
     # itself would never sweep what the killed one left: `mamlops check` does

@@ -119,8 +119,9 @@ def train(
     # tasks are drawn where the bank is: on CUDA no index tensor crosses to the GPU each step
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     sampler = TaskSampler(train_bank, cfg.ways, cfg.shots, cfg.query, generator=gen)
-    val_bank = load_bank(prepared_dir, "val").to(device)
-    val_eps = load_episodes(prepared_dir, "val", cfg.ways, cfg.shots)
+    if world.main:  # the only process that validates
+        val_bank = load_bank(prepared_dir, "val").to(device)
+        val_eps = load_episodes(prepared_dir, "val", cfg.ways, cfg.shots)
 
     init_gen = torch.Generator().manual_seed(cfg.seed)
     params = {
@@ -323,104 +324,98 @@ def train_stage(
         return None
     with distributed.process_group(resolve_device(cfg.device)) as (world, device):
         if not world.main:
-            try:
-                return train(
-                    cfg, prepared_dir, model_dir, Path(checkpoint_dir), progress=False,
-                    world=world, device=device,
-                )  # fmt: skip
-            except NonFiniteLossError:
-                # every process sees the same averaged loss and stops at the same step: rank 0
-                # says so; this one waits for the launcher to end it, so the line is printed once
-                time.sleep(30)
-                raise
-        return _train_stage(
-            cfg, prepared_dir, model_dir, checkpoint_dir, metrics_path, train_tsv, val_tsv,
-            curves_png, progress=progress, world=world, device=device,
-        )  # fmt: skip
+            return _train_shard(cfg, prepared_dir, model_dir, checkpoint_dir, world, device)
+        model_dir, prepared_dir = Path(model_dir), Path(prepared_dir)
+        config = {k: v for k, v in cfg.to_dict().items() if k != "name"}
+        description = (
+            f"Meta-training {cfg.name}: {cfg.ways}-way {cfg.shots}-shot {cfg.dataset}, "
+            f"{cfg.iterations} iterations of {cfg.meta_batch} tasks "
+            f"({'first' if cfg.maml.first_order else 'second'} order)."
+        )
+        interrupted = resumable_run(
+            Path(checkpoint_dir), resume_key(cfg, prepared_dir, device.type)
+        )
+        with tracking.start_run(
+            f"train@{cfg.name}",
+            {"setting": cfg.name, **{f"train.{k}": v for k, v in config.items()}},
+            run_name=tracking.run_name(cfg.name),
+            resume_run_id=interrupted,
+            description=description,
+            tags={
+                "mamlops.setting": cfg.name,
+                "mamlops.hardware": hardware(device),
+                "mamlops.processes": str(world.size),
+            },
+        ) as run:
+            tracking.log_dataset(prepared_dir, cfg.dataset, "training")
+            result = train(
+                cfg,
+                prepared_dir,
+                model_dir,
+                Path(checkpoint_dir),
+                on_metrics=tracking.log_training_metrics,
+                progress=progress,
+                tracking_run=run.info.run_id,
+                world=world,
+                device=device,
+            )
+            write_history(result.history, Path(train_tsv), TRAIN_COLUMNS)
+            write_history(result.history, Path(val_tsv), VAL_COLUMNS)
+            curves = training_curves(result.history, curves_png, f"{cfg.name}: meta-training")
+            metrics = {  # the few numbers `dvc exp show` compares runs on; the rest is in MLflow
+                "best_val_acc": result.best_val_acc,
+                "best_step": result.best_step,
+                "tasks_per_s": round(result.tasks_per_s, 2),
+                "train_seconds": round(result.seconds, 1),
+            }
+            write_json(metrics_path, metrics)
+            tracking.log_metrics(
+                {
+                    "val/best_acc": result.best_val_acc,
+                    "val/best_step": result.best_step,
+                    "train/final_loss": result.final_loss,
+                    "train/seconds": result.seconds,
+                }
+            )
+            tracking.set_tags(
+                {
+                    "mamlops.strategy": result.strategy,
+                    "mamlops.resumed_from": str(result.resumed_from),
+                    **tracking.theta_tags({k: theta_file(model_dir, k) for k in ("best", "final")}),
+                }
+            )
+            tracking.log_artifacts(
+                [
+                    (curves, "plots"),
+                    (Path(train_tsv), "plots"),
+                    (Path(val_tsv), "plots"),
+                    (Path(checkpoint_dir) / CHECKPOINT, "checkpoint"),
+                    (theta_file(model_dir, "best"), "model"),
+                ]
+            )
+        print(f"{cfg.name}: best val acc {result.best_val_acc:.4f} at step {result.best_step}")
+        return result
 
 
-def _train_stage(
+def _train_shard(
     cfg: TrainConfig,
     prepared_dir: Path,
     model_dir: Path,
     checkpoint_dir: Path,
-    metrics_path: Path,
-    train_tsv: Path,
-    val_tsv: Path,
-    curves_png: Path,
-    *,
-    progress: bool,
     world: distributed.World,
     device: torch.device,
 ) -> TrainResult:
-    model_dir, prepared_dir = Path(model_dir), Path(prepared_dir)
-    config = {k: v for k, v in cfg.to_dict().items() if k != "name"}
-    description = (
-        f"Meta-training {cfg.name}: {cfg.ways}-way {cfg.shots}-shot {cfg.dataset}, "
-        f"{cfg.iterations} iterations of {cfg.meta_batch} tasks "
-        f"({'first' if cfg.maml.first_order else 'second'} order)."
-    )
-    interrupted = resumable_run(Path(checkpoint_dir), resume_key(cfg, prepared_dir, device.type))
-    with tracking.start_run(
-        f"train@{cfg.name}",
-        {"setting": cfg.name, **{f"train.{k}": v for k, v in config.items()}},
-        run_name=tracking.run_name(cfg.name),
-        resume_run_id=interrupted,
-        description=description,
-        tags={
-            "mamlops.setting": cfg.name,
-            "mamlops.hardware": hardware(device),
-            "mamlops.processes": str(world.size),
-        },
-    ) as run:
-        tracking.log_dataset(prepared_dir, cfg.dataset, "training")
-        result = train(
-            cfg,
-            prepared_dir,
-            model_dir,
-            Path(checkpoint_dir),
-            on_metrics=tracking.log_training_metrics,
-            progress=progress,
-            tracking_run=run.info.run_id,
-            world=world,
-            device=device,
-        )
-        write_history(result.history, Path(train_tsv), TRAIN_COLUMNS)
-        write_history(result.history, Path(val_tsv), VAL_COLUMNS)
-        curves = training_curves(result.history, curves_png, f"{cfg.name}: meta-training")
-        metrics = {  # the few numbers `dvc exp show` compares runs on; the rest is in MLflow
-            "best_val_acc": result.best_val_acc,
-            "best_step": result.best_step,
-            "tasks_per_s": round(result.tasks_per_s, 2),
-            "train_seconds": round(result.seconds, 1),
-        }
-        write_json(metrics_path, metrics)
-        tracking.log_metrics(
-            {
-                "val/best_acc": result.best_val_acc,
-                "val/best_step": result.best_step,
-                "train/final_loss": result.final_loss,
-                "train/seconds": result.seconds,
-            }
-        )
-        tracking.set_tags(
-            {
-                "mamlops.strategy": result.strategy,
-                "mamlops.resumed_from": str(result.resumed_from),
-                **tracking.theta_tags({k: theta_file(model_dir, k) for k in ("best", "final")}),
-            }
-        )
-        tracking.log_artifacts(
-            [
-                (curves, "plots"),
-                (Path(train_tsv), "plots"),
-                (Path(val_tsv), "plots"),
-                (Path(checkpoint_dir) / CHECKPOINT, "checkpoint"),
-                (theta_file(model_dir, "best"), "model"),
-            ]
-        )
-    print(f"{cfg.name}: best val acc {result.best_val_acc:.4f} at step {result.best_step}")
-    return result
+    """A process other than rank 0: its shard of every meta-batch, nothing written or logged."""
+    try:
+        return train(
+            cfg, Path(prepared_dir), Path(model_dir), Path(checkpoint_dir), progress=False,
+            world=world, device=device,
+        )  # fmt: skip
+    except NonFiniteLossError:
+        # every process sees the same averaged loss and stops at the same step: rank 0 says
+        # so; this one waits for the launcher to end it, so the line is printed once
+        time.sleep(30)
+        raise
 
 
 class _Progress:
