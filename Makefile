@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data/omniglot/images_background.zip),)
 export MAMLOPS_DATA_MIRROR ?= $(abspath ../shared/data/omniglot)
 endif
 
-.PHONY: install run test lint format bench report omniglot-rows paper-omniglot gpu-train time-to-accuracy plots screenshots mlflow-ui tracking-server tracking-server-check tracking-server-stop
+.PHONY: install run test browser lint format bench report omniglot-rows paper-omniglot gpu-train time-to-accuracy plots screenshots mlflow-ui tracking-server tracking-server-check tracking-server-stop teach bench-teach
 
 $(BIN)/mamlops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,15 @@ run: install
 	$(BIN)/mamlops check
 	$(BIN)/dvc repro
 
-test: install
+test: install browser
 	$(BIN)/pytest -q
+
+# tests/test_teach_browser.py drives Debian's chromium through chromedriver: installed here when
+# missing and this is a Debian machine where we are root (CI); elsewhere that test skips
+browser:
+	@command -v chromedriver >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "could not install chromium and chromium-driver: the browser test will skip"
 
 lint: install
 	$(BIN)/ruff check src pipeline tests benchmarks scripts
@@ -54,6 +61,19 @@ plots: install
 mlflow-ui: install
 	@echo "open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# Teach classifiers in a browser: the meta-model `make run` trained, served with the page at
+# http://127.0.0.1:8000/ (draw a few characters per class, Teach, then draw more). Taught
+# classifiers are kept in classifiers/ and served at /classifiers/<id>/predict too.
+TEACH_META ?= models/omniglot-5w1s/theta_best.safetensors
+teach: install
+	@test -f $(TEACH_META) || { echo "no meta-model at $(TEACH_META): run 'make run' first (or 'dvc pull' from your remote)"; exit 1; }
+	$(BIN)/mamlops serve --meta $(TEACH_META) --store classifiers --port 8000
+
+# Teaching over HTTP, measured: time to teach 5-way 1-shot and 20-way 5-shot, prediction
+# latency and throughput, memory over 1,000 teach/predict cycles (docs/serving.md).
+bench-teach: install
+	$(BIN)/python benchmarks/bench_teach.py
 
 # A team's tracking server on this machine: PostgreSQL (Debian's postgresql package, installed
 # here when missing) as MLflow's backend store, `mlflow server` on 127.0.0.1:5000. Then

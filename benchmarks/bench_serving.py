@@ -12,11 +12,16 @@ depend on the weights' values.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -94,46 +99,54 @@ def _png(side: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def bench_http(model_path: Path, requests: int, concurrency: int, big_every: int) -> None:
-    """Bounded loopback load on a real ``mamlops serve`` process: ``requests`` POST /predict
-    from ``concurrency`` clients (every ``big_every``-th request carries four 1024x1024 PNGs,
-    the rest one 105x105 drawing), latency p50/p99, and the server's RSS sampled every 50 ms."""
-    import socket
-    import subprocess
-    import sys
-
+@contextlib.contextmanager
+def mamlops_serve(*args: str) -> Iterator[tuple[str, int]]:
+    """``mamlops serve ARGS`` as its own process on a free 127.0.0.1 port: yields (base URL,
+    pid) once /health answers, and stops it afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mamlops = Path(sys.executable).parent / "mamlops"
     server = subprocess.Popen(
-        [str(mamlops), "serve", str(model_path), "--port", str(port)],
+        [str(mamlops), "serve", *args, "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit(f"mamlops serve {' '.join(args)} did not start")
+            time.sleep(0.1)
+        yield base, server.pid
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def bench_http(model_path: Path, requests: int, concurrency: int, big_every: int) -> None:
+    """Bounded loopback load on a real ``mamlops serve`` process: ``requests`` POST /predict
+    from ``concurrency`` clients (every ``big_every``-th request carries four 1024x1024 PNGs,
+    the rest one 105x105 drawing), latency p50/p99, and the server's RSS sampled every 50 ms."""
     small = [("files", ("x.png", _png(105, 0), "image/png"))]
     big = [("files", (f"b{i}.png", _png(1024, i), "image/png")) for i in range(4)]
     rss: list[float] = []
     done = threading.Event()
 
-    def sample() -> None:
-        while not done.is_set():
-            rss.append(_rss_mib(server.pid))
-            time.sleep(0.05)
+    with mamlops_serve(str(model_path)) as (base, pid), httpx.Client(timeout=60) as client:
 
-    try:
-        with httpx.Client(timeout=60) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if client.get(f"{base}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("mamlops serve did not start")
-                time.sleep(0.1)
+        def sample() -> None:
+            while not done.is_set():
+                rss.append(_rss_mib(pid))
+                time.sleep(0.05)
+
+        try:
 
             def one(i: int) -> float:
                 files = big if big_every and i % big_every == big_every - 1 else small
@@ -144,7 +157,7 @@ def bench_http(model_path: Path, requests: int, concurrency: int, big_every: int
 
             for i in range(20):
                 one(i)
-            before = _rss_mib(server.pid)
+            before = _rss_mib(pid)
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             t0 = time.perf_counter()
@@ -153,15 +166,13 @@ def bench_http(model_path: Path, requests: int, concurrency: int, big_every: int
             wall = time.perf_counter() - t0
             done.set()
             sampler.join()
-            after = _rss_mib(server.pid)
-    finally:
-        done.set()
-        server.terminate()
-        server.wait(timeout=30)
+            after = _rss_mib(pid)
+        finally:
+            done.set()
     p50, p99 = percentiles(lat)
     thirds = [max(rss[k * len(rss) // 3 : (k + 1) * len(rss) // 3] or [after]) for k in range(3)]
     print(
-        f"HTTP /predict on `mamlops serve` (pid {server.pid}): {requests} requests, "
+        f"HTTP /predict on `mamlops serve` (pid {pid}): {requests} requests, "
         f"{concurrency} concurrent, every {big_every}th with 4 x 1024x1024 PNGs: "
         f"{requests / wall:,.0f} req/s  latency p50 {p50:.2f} ms p99 {p99:.2f} ms"
     )

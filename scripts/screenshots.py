@@ -1,9 +1,10 @@
-"""Screenshots for the docs: DVC's plots page and the MLflow UI, as PNGs under docs/img/.
+"""Screenshots for the docs: DVC's plots page, the MLflow UI and the teaching page, as PNGs
+under docs/img/.
 
 Run from the repository root after a pipeline run (``dvc repro``), in the project's venv:
 
     python scripts/screenshots.py                 # all of them
-    python scripts/screenshots.py --only mlflow   # or: --only dvc
+    python scripts/screenshots.py --only mlflow   # or: --only dvc, --only teach
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (apt-get install chromium chromium-driver)
 and, once, npm (for Vega, see dvc_plots_offline.py). Nothing is fetched from the internet.
@@ -13,44 +14,43 @@ and, once, npm (for Vega, see dvc_plots_offline.py). Nothing is fetched from the
   (metric and param columns) and as charts comparing the runs.
 * ``mlflow-run.png``: the latest training run's model metrics (charts).
 * ``mlflow-model.png``: the registered model (the latest ``mamlops-*`` one) with its versions.
+* ``teach.png``: the page of ``mamlops serve --meta models/omniglot-5w1s/theta_best.safetensors``
+  (a temporary store) after teaching five Omniglot characters of images_evaluation.zip, one
+  drawing each (two drawn with the pointer, three uploaded), then classifying held-out drawings
+  (uploaded, and one drawn on the test pad).
 
 ``mlflow ui`` is started on a free port against ``sqlite:///<repo>/mlflow.db`` (telemetry off)
 and stopped at the end. Pages are opened with ``?workflowType=machine_learning``: MLflow 3.17
 otherwise shows the GenAI view (traces) of an experiment, whatever its tags say.
 
-Chromium is driven through chromedriver's W3C WebDriver HTTP API with urllib (``WebDriver``
-below, about 60 lines) rather than ``chromium --headless --screenshot``: that one can wait for
-JavaScript (``--virtual-time-budget``), but it cannot close MLflow's assistant panel or pick the
-runs table's columns (both in localStorage), wait for a given text, or size a full-page shot;
-and talking HTTP to chromedriver keeps selenium out of the project's dependencies.
+Chromium is driven through chromedriver's W3C WebDriver HTTP API with urllib (webdriver.py)
+rather than ``chromium --headless --screenshot``: that one can wait for JavaScript
+(``--virtual-time-budget``), but it cannot close MLflow's assistant panel or pick the runs
+table's columns (both in localStorage), wait for a given text, size a full-page shot, or draw
+and upload on the teaching page; and talking HTTP to chromedriver keeps selenium out of the
+project's dependencies.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import contextlib
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
+import zipfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # dvc_plots_offline beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the modules beside this file
 import dvc_plots_offline  # noqa: E402
+from teach_page import TeachPage  # noqa: E402
+from webdriver import BrowserError, WebDriver, browser, free_port, process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-WIDTH, HEIGHT = 1600, 1000
 EXPERIMENT = "mamlops"
 MODEL_PREFIX = "mamlops-"
 # runs-table columns, those present are shown (MLflow's own default is Source/Models/Dataset)
@@ -60,158 +60,15 @@ PARAM_COLUMNS = ("setting", "train.inner_lr", "train.meta_batch", "train.iterati
 # validation accuracy; the training run's curves
 COMPARE_CHARTS = ("eval/acc_transductive", "eval/acc_support", "val/best_acc")
 RUN_CHARTS = ("train/loss", "train/acc", "val/acc", "train/tasks_per_s")
-# JavaScript: true once the page shows no loading indicator
-IDLE_JS = """return !document.querySelector(
-    '[role="progressbar"], [aria-busy="true"], [data-testid*="spinner" i], [class*="spinner" i]')"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, seconds: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"{proc.args[0]} exited ({proc.returncode}) before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except (OSError, urllib.error.URLError):
-            time.sleep(0.3)
-    raise SystemExit(f"{url} did not answer within {seconds:.0f} s")
-
-
-@contextlib.contextmanager
-def process(args: list[str], ready_url: str, seconds: float, **kw: Any) -> Iterator[None]:
-    """Run ``args`` in its own process group until the block ends; wait for ``ready_url``."""
-    proc = subprocess.Popen(args, start_new_session=True, **kw)
-    try:
-        wait_http(ready_url, seconds, proc)
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the group: mlflow ui starts worker processes
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-class WebDriver:
-    """A headless Chromium session through chromedriver's W3C WebDriver HTTP API."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        args = ["--headless=new", "--disable-gpu", "--hide-scrollbars", "--lang=en-US"]
-        args += [f"--window-size={WIDTH},{HEIGHT}", "--force-device-scale-factor=1"]
-        if os.geteuid() == 0:
-            args.append("--no-sandbox")  # Chromium refuses to run as root with its sandbox
-        options: dict[str, Any] = {"args": args}
-        binary = shutil.which("chromium")
-        if binary:
-            options["binary"] = binary
-        caps = {"browserName": "chrome", "goog:chromeOptions": options}
-        self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})
-        self.sid = self.session["sessionId"]
-        self.cdp("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT,
-                 deviceScaleFactor=1, mobile=False)  # fmt: skip
-
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.base + path, data, {"Content-Type": "application/json"}, method=method
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                return json.loads(resp.read())["value"]
-        except urllib.error.HTTPError as err:
-            raise RuntimeError(f"WebDriver {method} {path}: {err.read()[:400]!r}") from None
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        return self._call(method, f"/session/{self.sid}{path}", body)
-
-    def cdp(self, cmd: str, **params: Any) -> Any:
-        """A Chrome DevTools Protocol command (chromedriver's ``goog/cdp/execute``)."""
-        return self.call("POST", "/goog/cdp/execute", {"cmd": cmd, "params": params})
-
-    def get(self, url: str) -> None:
-        self.call("POST", "/url", {"url": url})
-
-    def js(self, script: str, *args: Any) -> Any:
-        return self.call("POST", "/execute/sync", {"script": script, "args": list(args)})
-
-    def type_into(self, css: str, text: str) -> None:
-        """Type ``text`` into the element ``css`` (real key events, as React expects)."""
-        found = self.call("POST", "/element", {"using": "css selector", "value": css})
-        element = next(iter(found.values()))
-        self.call("POST", f"/element/{element}/value", {"text": text})
-
-    def poll(self, script: str, seconds: float) -> bool:
-        """Whether ``script`` returns something truthy within ``seconds``."""
-        deadline = time.monotonic() + seconds
-        while not self.js(script):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.25)
-        return True
-
-    def wait(self, script: str, seconds: float = 60, what: str = "") -> None:
-        """Poll until ``script`` returns something truthy; on a timeout, keep what was shown."""
-        if not self.poll(script, seconds):
-            shot = self.screenshot(Path(tempfile.gettempdir()) / "screenshots-timeout.png")
-            raise SystemExit(f"timed out after {seconds:.0f} s waiting for {what or script}"
-                             f" (the page then: {shot})")  # fmt: skip
-
-    def wait_text(self, *texts: str, seconds: float = 90) -> None:
-        """Wait until the page shows every one of ``texts`` and no loading indicator."""
-        shown = "const t = document.body ? document.body.innerText : '';"
-        every = f"return {json.dumps(texts)}.every(s => t.includes(s))"
-        self.wait(f"{shown} {every}", seconds, f"the texts {texts}")
-        self.poll(IDLE_JS, 20)  # a spinner that never goes away: shoot anyway
-        time.sleep(1.5)  # chart transitions
-
-    def screenshot(self, path: Path, full_page: bool = False) -> Path:
-        """The viewport (or the whole page) as a PNG, written atomically."""
-        params: dict[str, Any] = {"format": "png"}
-        if full_page:
-            size = self.cdp("Page.getLayoutMetrics")["cssContentSize"]
-            width = max(WIDTH, int(size["width"]))
-            params |= {
-                "captureBeyondViewport": True,
-                "clip": {"x": 0, "y": 0, "width": width, "height": int(size["height"]), "scale": 1},
-            }
-        data = base64.b64decode(self.cdp("Page.captureScreenshot", **params)["data"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
-        return path
-
-    def quit(self) -> None:
-        with contextlib.suppress(Exception):
-            self.call("DELETE", "")
-
-
-@contextlib.contextmanager
-def browser() -> Iterator[WebDriver]:
-    driver = shutil.which("chromedriver")
-    if driver is None:
-        raise SystemExit("chromedriver not found: apt-get install chromium chromium-driver")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with process([driver, f"--port={port}"], f"{base}/status", 30,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):  # fmt: skip
-        web = WebDriver(base)
-        try:
-            yield web
-        finally:
-            web.quit()
+# the teaching page: its meta-model, the characters taught (the first of five alphabets of
+# Omniglot's evaluation set, labelled by alphabet), how many of them are drawn with the pointer
+# rather than uploaded, and the held-out drawings classified
+TEACH_META = ROOT / "models" / "omniglot-5w1s" / "theta_best.safetensors"
+TEACH_ZIP = ROOT.parent / "shared" / "data" / "omniglot" / "images_evaluation.zip"
+TEACH_ALPHABETS = ("Atlantean", "Ge_ez", "Glagolitic", "Gurmukhi", "Tengwar")
+TEACH_DRAWN = 2
+TEACH_HELD_OUT = 1
+TEACH_SIZE = (1280, 900)
 
 
 def shoot_dvc(web: WebDriver, out: Path) -> None:
@@ -327,18 +184,77 @@ def shoot_mlflow(web: WebDriver, out: Path, db: Path) -> None:
     log.unlink(missing_ok=True)
 
 
+def omniglot_drawings(zip_path: Path, alphabets: tuple[str, ...], n: int) -> dict[str, list]:
+    """``{alphabet: [(file name, PNG bytes)] * n}``: the first character of each alphabet,
+    drawn by its first ``n`` people."""
+    if not zip_path.is_file():
+        raise SystemExit(f"{zip_path} not found: the Omniglot mirror (shared/data/omniglot)")
+    with zipfile.ZipFile(zip_path) as zf:
+        names = sorted(zf.namelist())
+        out = {}
+        for alphabet in alphabets:
+            first = f"images_evaluation/{alphabet}/character01/"
+            files = [name for name in names if name.startswith(first) and name.endswith(".png")]
+            if len(files) < n:
+                raise SystemExit(f"{zip_path}: {first} has {len(files)} drawings, not {n}")
+            out[alphabet] = [(Path(f).name, zf.read(f)) for f in files[:n]]
+    return out
+
+
+def shoot_teach(out: Path) -> None:
+    """The teaching page with a classifier taught, its support set and predictions shown."""
+    drawings = omniglot_drawings(TEACH_ZIP, TEACH_ALPHABETS, 1 + TEACH_HELD_OUT)
+    with tempfile.TemporaryDirectory(prefix="screenshots-teach-") as tmp:
+        files = Path(tmp) / "images"
+        files.mkdir()
+        for shots in drawings.values():
+            for name, png in shots:
+                (files / name).write_bytes(png)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        args = [sys.executable, "-m", "mamlops", "serve", "--meta", str(TEACH_META),
+                "--store", f"{tmp}/store", "--port", str(port)]  # fmt: skip
+        with (
+            process(args, f"{base}/health", 120, stdout=subprocess.DEVNULL),
+            browser(*TEACH_SIZE) as web,
+        ):
+            page = TeachPage(web, f"{base}/")
+            page.open()
+            page.set_classes(list(drawings))
+            for i, shots in enumerate(drawings.values()):
+                name, png = shots[0]
+                if i < TEACH_DRAWN:
+                    page.draw_shot(i, page.strokes(png, ".class-card canvas.draw"))
+                else:
+                    page.upload(i, [files / name])
+            page.teach()
+            held_out = [files / name for shots in drawings.values() for name, _ in shots[1:]]
+            page.classify_files(held_out)
+            last = drawings[TEACH_ALPHABETS[-1]][-1][1]
+            page.draw_test(page.strokes(last, "#test-canvas"))
+            web.js("document.activeElement.blur(); window.scrollTo(0, 0)")  # as first shown
+            time.sleep(0.3)
+            web.screenshot(out / "teach.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("dvc", "mlflow"), help="one of the two")
+    parser.add_argument("--only", choices=("dvc", "mlflow", "teach"), help="one of them")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img", help="PNG folder")
     parser.add_argument("--mlflow-db", type=Path, default=ROOT / "mlflow.db", help="SQLite store")
     args = parser.parse_args()
     out = args.out.resolve()
-    with browser() as web:
-        if args.only in (None, "dvc"):
-            shoot_dvc(web, out)
-        if args.only in (None, "mlflow"):
-            shoot_mlflow(web, out, args.mlflow_db)
+    try:
+        if args.only in (None, "dvc", "mlflow"):
+            with browser() as web:
+                if args.only in (None, "dvc"):
+                    shoot_dvc(web, out)
+                if args.only in (None, "mlflow"):
+                    shoot_mlflow(web, out, args.mlflow_db)
+        if args.only in (None, "teach"):
+            shoot_teach(out)
+    except BrowserError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 if __name__ == "__main__":

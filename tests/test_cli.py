@@ -255,7 +255,7 @@ def test_register_unreachable_store_is_one_line(exported: dict, monkeypatch) -> 
 @pytest.mark.parametrize(
     ("args", "names"),
     [
-        (["serve"], ["mamlops serve", "Missing argument 'model'", "--help"]),
+        (["serve"], ["serve: error", "nothing to serve", "--meta"]),
         (["register"], ["mamlops register", "Missing argument 'onnx_model'"]),
         (["predict"], ["mamlops predict", "Missing argument"]),
         (["train"], ["mamlops train", "Missing argument 'setting'"]),
@@ -284,7 +284,7 @@ def test_version() -> None:
 @pytest.mark.parametrize(
     ("args", "names"),
     [
-        (["serve"], ["Missing argument 'model'"]),
+        (["serve"], ["nothing to serve", "--meta"]),
         (["register"], ["Missing argument 'onnx_model'"]),
         (["train", "omniglot-5w1z"], ["'omniglot-5w1z'", "did you mean 'omniglot-5w1s'"]),
         (["predict", "x.onnx", "README.md"], ["x.onnx", "not found"]),
@@ -382,6 +382,10 @@ def test_serve_errors_are_one_line(exported: dict, tmp_path) -> None:
     _one_line_error(runner.invoke(app, ["serve", onnx, "--port", "70000"]), "70000", "--port")
     _one_line_error(runner.invoke(app, ["serve", str(tmp_path)]), "no .onnx files")
     _one_line_error(runner.invoke(app, ["serve", onnx, "--max-upload-mb", "0"]), "--max-upload-mb")
+    no_meta = runner.invoke(app, ["serve", "--meta", str(tmp_path / "theta.safetensors")])
+    _one_line_error(no_meta, "theta.safetensors", "no meta-model here")
+    _one_line_error(runner.invoke(app, ["serve", onnx, "--max-shots", "0"]), "--max-shots")
+    _one_line_error(runner.invoke(app, ["serve", onnx, "--max-teaching", "0"]), "--max-teaching")
 
 
 def test_predict_missing_image_is_one_line(exported: dict, tmp_path) -> None:

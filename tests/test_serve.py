@@ -37,7 +37,11 @@ def _files(queries: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
 
 def test_health_models_metadata(setup) -> None:
     client = setup["client"]
-    assert client.get("/health").json() == {"status": "ok", "models": ["alpha", "beta"]}
+    assert client.get("/health").json() == {
+        "status": "ok",
+        "models": ["alpha", "beta"],
+        "teaching": False,
+    }
     names = [m["name"] for m in client.get("/models").json()["models"]]
     assert names == ["alpha", "beta"]
     meta = client.get("/metadata", params={"model": "alpha"}).json()

@@ -143,7 +143,8 @@ def test_serve_answers_real_images(server: str, model: dict) -> None:
         assert set(got["probabilities"]) == set(model["labels"])
     bad = httpx.post(f"{server}/predict", files=[("files", ("x.png", b"no"))], timeout=30)
     assert bad.status_code == 400 and "not a readable image" in bad.json()["detail"]
-    assert httpx.get(f"{server}/health", timeout=5).json() == {"status": "ok", "models": ["clf"]}
+    health = httpx.get(f"{server}/health", timeout=5).json()
+    assert health == {"status": "ok", "models": ["clf"], "teaching": False}
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from mamlops.errors import UserError, reported
 
 # the extra that provides each optional top-level module (pyproject.toml), for the hint a
 # command gives when run in an install without it
-PIPELINE_MODULES = "torch torchvision yaml dvc mlflow onnx onnxscript safetensors matplotlib"
+PIPELINE_MODULES = "torch torchvision yaml dvc mlflow onnx safetensors matplotlib"
 SERVE_MODULES = "onnxruntime fastapi starlette pydantic uvicorn multipart python_multipart"
 EXTRA_OF_MODULE = {
     **dict.fromkeys(PIPELINE_MODULES.split(), "pipeline"),
@@ -417,19 +417,41 @@ def export(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Argument(help="an .onnx file, or a folder of them")],
+    model: Annotated[
+        Path | None,
+        typer.Argument(help="an .onnx file, or a folder of them (optional with --meta)"),
+    ] = None,
+    meta: Annotated[
+        Path | None,
+        typer.Option(help="a meta-model (theta .safetensors) to teach new classifiers from"),
+    ] = None,
+    store: Annotated[Path, typer.Option(help="where taught classifiers are kept")] = Path(
+        "classifiers"
+    ),
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0: any free one, named at start)")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="largest accepted request body")] = 10.0,
+    max_shots: Annotated[int, typer.Option(help="images per class when teaching")] = 10,
+    max_teaching: Annotated[int, typer.Option(help="adaptations at once, then 429")] = 2,
 ) -> None:
-    """Serve ONNX classifiers over HTTP: /predict, /health, /models, /metadata, /docs
-    (onnxruntime only)."""
+    """Serve ONNX classifiers over HTTP: /predict, /health, /models, /metadata, /docs; with
+    --meta, also teach new ones: POST /classifiers, and a page to draw and teach at /."""
     with command("serve"):
         if not max_upload_mb > 0:
             raise UserError(f"--max-upload-mb must be above 0, got {max_upload_mb}")
         from mamlops.serve import serve as run
+        from mamlops.teach import TeachLimits
 
-        run(model, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+        limits = TeachLimits(max_shots=max_shots, max_teaching=max_teaching)
+        run(
+            model,
+            host=host,
+            port=port,
+            max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+            meta_path=meta,
+            store=store,
+            limits=limits,
+        )
 
 
 def check_registry_names(name: str, alias: str) -> None:

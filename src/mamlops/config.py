@@ -580,8 +580,8 @@ class EvaluateConfig(_Fields):
         return _checked(cls, _section(params, "evaluate"), "params.yaml: evaluate")
 
 
-DEFAULT_OPSET = 20  # the dynamo exporter's native opset: no version conversion pass needed
-MIN_OPSET = 18  # the dynamo exporter writes nothing older (asked for 7, it silently wrote 18)
+DEFAULT_OPSET = 20  # what the dvc-tracked model.onnx files are written with
+MIN_OPSET = 18  # the oldest opset the files are checked against (onnxruntime 1.16+ runs it)
 
 
 @dataclass(frozen=True)

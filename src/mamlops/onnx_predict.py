@@ -123,9 +123,12 @@ class OnnxClassifier:
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
         """Paths / PIL images -> float32 [N, C, H, W] with the dataset's own preprocessing."""
-        arrays = [preprocess.read_image(image, self.dataset) for image in images]
-        x = preprocess.to_float_numpy(np.stack(arrays), self.dataset)
-        shape = (len(arrays), self.channels, self.image_size, self.image_size)
+        return self.to_input(np.stack([preprocess.read_image(im, self.dataset) for im in images]))
+
+    def to_input(self, images: np.ndarray) -> np.ndarray:
+        """``uint8`` images as ``preprocess.read_image`` gives them, stacked -> float32 input."""
+        x = preprocess.to_float_numpy(images, self.dataset)
+        shape = (len(images), self.channels, self.image_size, self.image_size)
         return np.ascontiguousarray(x, dtype=np.float32).reshape(shape)
 
     def predict_array(self, x: np.ndarray) -> np.ndarray:

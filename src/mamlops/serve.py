@@ -13,6 +13,13 @@ Uploads are capped *before* FastAPI parses the form (``UploadGate``): Content-Le
 first, and the body is counted while it is read, so a chunked upload cannot bypass the limit and
 no request holds more than the limit in memory. The gate also answers the two mistakes a form
 parser would misreport (not multipart: 415; empty body: 400).
+
+Given a meta-model (``--meta``), the server also teaches: ``POST /classifiers`` adapts it to
+the labelled images of the request (``teach.py``: the code of ``mamlops adapt``), stores the
+ONNX classifier under an id made from its content, and ``/classifiers/{id}/predict`` uses it.
+Adaptation runs in the thread pool, at most ``TeachLimits.max_teaching`` at once (then 429
+with Retry-After), so ``/health`` and other clients' predictions keep answering meanwhile.
+``/`` is a page that does all of it in a browser (``resources/teach.html``).
 """
 
 from __future__ import annotations
@@ -23,21 +30,27 @@ import socket
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from starlette.datastructures import UploadFile as FormFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mamlops import preprocess
 from mamlops.errors import UserError
 from mamlops.onnx_predict import OnnxClassifier, OnnxModelError
+from mamlops.teach import ZIP_MAGIC, ClassifierStore, TeachError, TeachLimits, teach, zip_support
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 FIELD = "files"
@@ -63,6 +76,7 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
     models: list[str] = Field(description="names of the served models (file stems)")
+    teaching: bool = Field(description="whether POST /classifiers teaches (a meta-model is loaded)")
 
 
 class ClassProbability(BaseModel):
@@ -116,6 +130,48 @@ class ModelList(BaseModel):
     default: str | None = Field(description="the model /predict uses without ?model=, if one")
 
 
+class MetaModelInfo(BaseModel):
+    """The meta-model the server teaches from, and what one teaching request may carry."""
+
+    name: str = Field(description="its file name")
+    sha256: str
+    setting: str | None = Field(description="the DVC setting it was trained as")
+    dataset: str
+    ways: int = Field(description="the most classes one classifier can have")
+    image_size: int
+    channels: int
+    steps: int = Field(description="inner steps of each adaptation")
+    lr: float = Field(description="their learning rate")
+    max_shots: int = Field(description="images per class, at most")
+    max_upload_bytes: int
+    max_pixels: int = Field(description="pixels per image, at most")
+
+
+class SupportClass(BaseModel):
+    label: str
+    images: list[str] = Field(description="URLs of the support images, as the network saw them")
+
+
+class ClassifierInfo(BaseModel):
+    id: str = Field(description="first 16 hex digits of the ONNX file's SHA-256")
+    labels: list[str]
+    created: str = Field(description="when it was stored (UTC, ISO 8601)")
+    predict_url: str
+    model_sha256: str
+    meta_model_sha256: str | None
+    support: list[SupportClass]
+    provenance: dict[str, Any] = Field(description="how it was adapted: steps, lr, shots, ...")
+
+
+class Taught(ClassifierInfo):
+    new: bool = Field(description="false when the same classifier had been taught before")
+    teach_ms: float = Field(description="adaptation and ONNX export, in milliseconds")
+
+
+class ClassifierList(BaseModel):
+    classifiers: list[ClassifierInfo] = Field(description="the most recently taught first")
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": what}
     for code, what in [
@@ -125,6 +181,30 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (415, "not a multipart/form-data request"),
         (422, "a query or path parameter of the wrong type"),
     ]
+}
+TEACH_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    404: {"model": ErrorResponse, "description": "unknown classifier, or teaching is off"},
+    429: {"model": ErrorResponse, "description": "busy teaching: retry after Retry-After s"},
+}
+# POST /classifiers has one form field per class, named by its label: OpenAPI says so here
+TEACH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "description": "one field per class, named by the label, with its images; "
+                    "or a single field holding a zip of class folders (label/image.png)",
+                    "additionalProperties": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                    },
+                }
+            }
+        },
+    }
 }
 
 
@@ -177,10 +257,11 @@ async def _read_capped(headers: Headers, receive: Receive, limit: int) -> bytes:
 
 
 def takes_uploads(method: str, path: str) -> bool:
-    """The requests ``UploadGate`` checks: POSTs to ``/predict`` and ``/models/NAME/predict``
-    (any other POST is a 404 or 405 that FastAPI answers itself)."""
-    named = path.startswith("/models/") and path.endswith("/predict")
-    return method == "POST" and (path == "/predict" or named)
+    """The requests ``UploadGate`` checks: POSTs to ``/predict``, ``/models/NAME/predict``,
+    ``/classifiers`` and ``/classifiers/ID/predict`` (any other POST is a 404 or 405 that
+    FastAPI answers itself)."""
+    named = path.startswith(("/models/", "/classifiers/")) and path.endswith("/predict")
+    return method == "POST" and (path in ("/predict", "/classifiers") or named)
 
 
 class UploadGate:
@@ -259,9 +340,9 @@ DECODE_SLOTS = 2
 _decoding = threading.BoundedSemaphore(DECODE_SLOTS)
 
 
-def _decode(uploads: list[tuple[str, bytes]], clf: OnnxClassifier) -> np.ndarray:
-    """Every upload decoded and preprocessed to the model's input [N, C, H, W], one at a time:
-    a truncated or non-image file is a 400 here, an oversized one a 413 before decoding."""
+def _decode(uploads: list[tuple[str, bytes]], dataset: str) -> np.ndarray:
+    """Every upload decoded and resized to the dataset's ``uint8`` images, one at a time: a
+    truncated or non-image file is a 400 here, an oversized one a 413 before decoding."""
     rows = []
     for name, data in uploads:
         if not data:
@@ -272,13 +353,34 @@ def _decode(uploads: list[tuple[str, bytes]], clf: OnnxClassifier) -> np.ndarray
                 raise _bad(413, f"{name}: {im.width}x{im.height} image is too large to decode")
             with _decoding:
                 im.load()
-                rows.append(clf.preprocess([im]))
+                rows.append(preprocess.read_image(im, dataset))
             del im
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise _bad(400, f"{name}: not a readable image ({type(exc).__name__})") from exc
         except UserError as exc:  # preprocess.ImageError: a mode or shape it cannot convert
             raise _bad(400, f"{name}: {exc}") from exc
-    return np.concatenate(rows)
+    return np.stack(rows)
+
+
+async def read_support(form: Any, max_images: int, max_bytes: int) -> dict[str, list[tuple]]:
+    """``{label: [(file name, bytes)]}`` from a teaching form: one field per class, named by
+    the label, in the order sent; or a single field holding a zip of class folders."""
+    items = list(form.multi_items())
+    texts = sorted({key for key, value in items if not isinstance(value, FormFile)})
+    if texts:
+        raise _bad(400, f"form field(s) {texts} carry text, not image files")
+    if not items:
+        raise _bad(400, "no images: send one form field per class, named by its label")
+    if len(items) > max_images:
+        raise _bad(413, f"{len(items)} images; at most {max_images} in one request")
+    support: dict[str, list[tuple]] = {}
+    for key, upload in items:
+        support.setdefault(key, []).append((upload.filename or key, await upload.read()))
+    if len(items) == 1:  # one class is no classifier: a single file may be a zip of them
+        _, data = support[items[0][0]][0]
+        if data.startswith(ZIP_MAGIC):
+            return zip_support(data, max_images, max_bytes)
+    return support
 
 
 # ----------------------------------------------------------------------------- the app
@@ -293,22 +395,44 @@ TopK = Annotated[
 
 
 def create_app(
-    model_path: str | Path,
+    model_path: str | Path | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     default_top_k: int = 5,
+    *,
+    meta_path: str | Path | None = None,
+    store: str | Path = "classifiers",
+    limits: TeachLimits | None = None,
 ) -> FastAPI:
-    """Build the app; loads the model(s) and their sessions now, so errors surface at start-up."""
+    """Build the app; loads the model(s), their sessions and the meta-model now, so errors
+    surface at start-up. ``model_path``: ONNX classifiers to serve as they are; ``meta_path``:
+    a meta-model (theta) to teach new ones from, kept under ``store``. Either or both."""
     if max_upload_bytes < 1:
         raise ServeError(f"upload limit must be positive, got {max_upload_bytes} bytes")
-    models = load_models(model_path)
+    if model_path is None and meta_path is None:
+        raise ServeError(
+            "nothing to serve: pass ONNX classifiers (a file or folder), or --meta THETA "
+            "(e.g. models/omniglot-5w1s/theta_best.safetensors) to teach new ones"
+        )
+    models = load_models(model_path) if model_path is not None else {}
     default = next(iter(models)) if len(models) == 1 else None
+    limits = limits or TeachLimits()
+    meta = store_ = None
+    if meta_path is not None:
+        from mamlops.adapt import MetaModel  # torch: only a teaching server needs it
+
+        meta = MetaModel.load(meta_path)
+        store_ = ClassifierStore(store, limits.cache_size)
+    teaching = threading.BoundedSemaphore(limits.max_teaching)
     app = FastAPI(
         title="mamlops classifier",
         version="1",
         description="Few-shot classifiers adapted with MAML, exported to ONNX. "
-        f"POST images to /predict as multipart field {FIELD!r}.",
+        f"POST images to /predict as multipart field {FIELD!r}; with a meta-model, teach new "
+        "classifiers with POST /classifiers (one form field per class) or at /.",
     )
     app.state.models = models
+    app.state.meta = meta
+    app.state.store = store_
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -325,7 +449,13 @@ def create_app(
         status, detail = explain_validation(exc.errors(), fields)
         return JSONResponse({"detail": detail}, status_code=status)
 
+    @app.exception_handler(TeachError)
+    async def teach_error(request: Request, exc: TeachError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
     def pick(name: str | None) -> OnnxClassifier:
+        if not models:
+            raise _bad(404, "no fixed models served here; teach one with POST /classifiers")
         if name is None:
             if default is None:
                 raise _bad(400, f"several models served: pass ?model= one of {sorted(models)}")
@@ -334,18 +464,22 @@ def create_app(
             raise _bad(404, f"unknown model {name!r}; available: {sorted(models)}")
         return models[name]
 
+    def the_store() -> ClassifierStore:
+        if store_ is None:
+            raise _bad(404, "this server does not teach: start it with --meta THETA (a meta-model)")
+        return store_
+
     async def predict(
-        files: list[UploadFile], name: str | None, top_k: int | None
+        files: list[UploadFile], clf: OnnxClassifier, top_k: int | None, name: str | None = None
     ) -> PredictResponse:
-        clf = pick(name)
         k = default_top_k if top_k is None else top_k
         if k < 1:
             raise _bad(400, "top_k must be at least 1")
         uploads = [(f.filename or "upload", await f.read()) for f in files]
-        x = await run_in_threadpool(_decode, uploads, clf)
+        x = await run_in_threadpool(lambda: clf.to_input(_decode(uploads, clf.dataset)))
         preds = clf.describe(await run_in_threadpool(clf.predict_array, x), k)
         return PredictResponse(
-            model=clf.name,
+            model=name or clf.name,
             model_sha256=clf.sha256,
             predictions=[
                 Prediction(filename=filename, **pred)
@@ -353,12 +487,37 @@ def create_app(
             ],
         )
 
-    limits = {"max_files": MAX_FILES}
+    def info(cid: str) -> ClassifierInfo:
+        st = the_store()
+        clf = st.get(cid)
+        created = datetime.fromtimestamp(st.created(cid), UTC).isoformat(timespec="seconds")
+        base = f"/classifiers/{cid}"
+        return ClassifierInfo(
+            id=cid,
+            labels=clf.labels,
+            created=created,
+            predict_url=f"{base}/predict",
+            model_sha256=clf.sha256,
+            meta_model_sha256=clf.raw_metadata.get("meta_model_sha256"),
+            support=[
+                SupportClass(label=c["label"], images=[f"{base}/support/{n}" for n in c["images"]])
+                for c in st.support(cid)
+            ],
+            provenance=clf.params,
+        )
+
+    limits_ = {"max_files": MAX_FILES}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        """The teaching page: draw or upload a few images per class, teach, then predict."""
+        html = resources.files("mamlops").joinpath("resources/teach.html").read_text("utf-8")
+        return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     def health() -> Health:
-        """Liveness, and which models this server answers for."""
-        return Health(status="ok", models=sorted(models))
+        """Liveness, which models this server answers for, and whether it teaches."""
+        return Health(status="ok", models=sorted(models), teaching=meta is not None)
 
     @app.get("/models")
     def list_models() -> ModelList:
@@ -375,17 +534,107 @@ def create_app(
         """Labels, input spec and provenance of the model ``name``."""
         return ModelMetadata(**pick(name).metadata())
 
-    @app.post("/predict", responses=ERRORS, form_limits=limits)
+    @app.post("/predict", responses=ERRORS, form_limits=limits_)
     async def predict_default(
         files: Files, model: str | None = None, top_k: TopK = None
     ) -> PredictResponse:
         """Classify one or more uploaded images with ``model`` (or the only one served)."""
-        return await predict(files, model, top_k)
+        return await predict(files, pick(model), top_k)
 
-    @app.post("/models/{name}/predict", responses=ERRORS, form_limits=limits)
+    @app.post("/models/{name}/predict", responses=ERRORS, form_limits=limits_)
     async def predict_named(files: Files, name: str, top_k: TopK = None) -> PredictResponse:
         """Classify one or more uploaded images with the model ``name``."""
-        return await predict(files, name, top_k)
+        return await predict(files, pick(name), top_k)
+
+    @app.get("/meta-model", responses=TEACH_ERRORS)
+    def meta_model() -> MetaModelInfo:
+        """The meta-model new classifiers are taught from, and the limits of one request."""
+        the_store()
+        assert meta is not None
+        return MetaModelInfo(
+            name=meta.path.name,
+            sha256=meta.sha256,
+            setting=meta.train_config.get("name"),
+            dataset=meta.dataset,
+            ways=meta.ways,
+            image_size=meta.model_cfg.image_size,
+            channels=meta.model_cfg.in_channels,
+            steps=meta.steps,
+            lr=meta.lr,
+            max_shots=limits.max_shots,
+            max_upload_bytes=max_upload_bytes,
+            max_pixels=MAX_PIXELS,
+        )
+
+    @app.post(
+        "/classifiers",
+        status_code=201,
+        responses=TEACH_ERRORS | {200: {"model": Taught, "description": "taught before"}},
+        openapi_extra=TEACH_BODY,
+    )
+    async def teach_classifier(request: Request, response: Response) -> Taught:
+        """Teach a classifier: adapt the meta-model to the images sent, one form field per
+        class named by its label (or one zip of class folders), and store it. 201 with its
+        id; 200 when the same images had taught it before."""
+        st = the_store()
+        assert meta is not None
+        max_images = meta.ways * limits.max_shots
+        if not teaching.acquire(blocking=False):
+            return JSONResponse(  # type: ignore[return-value]
+                {
+                    "detail": f"busy: {limits.max_teaching} classifiers are being taught "
+                    "now (the server's --max-teaching); retry in a second"
+                },
+                status_code=429,
+                headers={"Retry-After": "1"},
+            )
+        try:
+            try:
+                form = await request.form(max_files=max_images, max_fields=max_images)
+            except StarletteHTTPException as exc:  # the parser's own count limit: name ours
+                if "Too many" in str(exc.detail):
+                    raise _bad(413, f"over {max_images} images; at most {max_images}") from None
+                raise
+            support = await read_support(form, max_images, max_upload_bytes)
+
+            def run() -> tuple:
+                images = {label: _decode(files, meta.dataset) for label, files in support.items()}
+                taught = teach(meta, images, limits)
+                return taught, *st.put(taught)
+
+            taught, cid, new = await run_in_threadpool(run)
+        finally:
+            teaching.release()
+        response.status_code = 201 if new else 200
+        response.headers["Location"] = f"/classifiers/{cid}"
+        return Taught(**info(cid).model_dump(), new=new, teach_ms=1000 * taught.seconds)
+
+    @app.get("/classifiers", responses=TEACH_ERRORS)
+    def list_classifiers() -> ClassifierList:
+        """Every taught classifier, the most recent first."""
+        return ClassifierList(classifiers=[info(cid) for cid in the_store().ids()])
+
+    @app.get("/classifiers/{cid}", responses=TEACH_ERRORS)
+    def get_classifier(cid: str) -> ClassifierInfo:
+        """Labels, support images and provenance of one taught classifier."""
+        return info(cid)
+
+    @app.delete("/classifiers/{cid}", status_code=204, responses=TEACH_ERRORS)
+    def delete_classifier(cid: str) -> Response:
+        """Forget a taught classifier (its files and its loaded session)."""
+        the_store().delete(cid)
+        return Response(status_code=204)
+
+    @app.get("/classifiers/{cid}/support/{name}", responses=TEACH_ERRORS)
+    def support_image(cid: str, name: str) -> Response:
+        """One support image as the network saw it (PNG)."""
+        return Response(the_store().support_png(cid, name), media_type="image/png")
+
+    @app.post("/classifiers/{cid}/predict", responses=TEACH_ERRORS, form_limits=limits_)
+    async def predict_taught(files: Files, cid: str, top_k: TopK = None) -> PredictResponse:
+        """Classify one or more uploaded images with the taught classifier ``cid``."""
+        clf = await run_in_threadpool(the_store().get, cid)
+        return await predict(files, clf, top_k, cid)
 
     return app
 
@@ -421,24 +670,44 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(
-    path: str | Path,
+    path: str | Path | None,
     host: str = "127.0.0.1",
     port: int = 8000,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    *,
+    meta_path: str | Path | None = None,
+    store: str | Path = "classifiers",
+    limits: TeachLimits | None = None,
 ) -> None:
     """Run the app with uvicorn until interrupted (binds to localhost unless told otherwise;
     port 0 takes a free one, which the start-up log names)."""
     import uvicorn
 
-    app = create_app(path, max_upload_bytes=max_upload_bytes)
+    app = create_app(
+        path, max_upload_bytes=max_upload_bytes, meta_path=meta_path, store=store, limits=limits
+    )
     sock = listen(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
+    what = [", ".join(sorted(app.state.models))] if app.state.models else []
+    if app.state.meta is not None:
+        what.append(
+            f"teaching from {app.state.meta.path} into {app.state.store.root}/ "
+            f"(page: http://{shown}:{bound}/)"
+        )
     print(
-        f"serving {', '.join(sorted(app.state.models))} on http://{shown}:{bound} "
+        f"serving {'; '.join(what)} on http://{shown}:{bound} "
         f"(API docs: http://{shown}:{bound}/docs)",
         file=sys.stderr,
         flush=True,
     )
+    if meta_path is not None:
+        import torch
+
+        # One thread per adaptation: an adaptation's convs are too small to split (5-way
+        # 1-shot, 10 steps: 41 ms on 1 thread), while two OpenMP threads started from the
+        # server's worker threads took 110 ms, and one thread each lets two clients teach at
+        # once on two cores (docs/serving.md).
+        torch.set_num_threads(1)
     config = uvicorn.Config(app, host=host, port=bound)
     uvicorn.Server(config).run(sockets=[sock])
