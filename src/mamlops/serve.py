@@ -163,7 +163,7 @@ class ClassifierInfo(BaseModel):
     provenance: dict[str, Any] = Field(description="how it was adapted: steps, lr, shots, ...")
 
 
-class Taught(ClassifierInfo):
+class TaughtClassifier(ClassifierInfo):
     new: bool = Field(description="false when the same classifier had been taught before")
     teach_ms: float = Field(description="adaptation and ONNX export, in milliseconds")
 
@@ -569,10 +569,10 @@ def create_app(
     @app.post(
         "/classifiers",
         status_code=201,
-        responses=TEACH_ERRORS | {200: {"model": Taught, "description": "taught before"}},
+        responses=TEACH_ERRORS | {200: {"model": TaughtClassifier, "description": "taught before"}},
         openapi_extra=TEACH_BODY,
     )
-    async def teach_classifier(request: Request, response: Response) -> Taught:
+    async def teach_classifier(request: Request, response: Response) -> TaughtClassifier:
         """Teach a classifier: adapt the meta-model to the images sent, one form field per
         class named by its label (or one zip of class folders), and store it. 201 with its
         id; 200 when the same images had taught it before."""
@@ -607,7 +607,7 @@ def create_app(
             teaching.release()
         response.status_code = 201 if new else 200
         response.headers["Location"] = f"/classifiers/{cid}"
-        return Taught(**info(cid).model_dump(), new=new, teach_ms=1000 * taught.seconds)
+        return TaughtClassifier(**info(cid).model_dump(), new=new, teach_ms=1000 * taught.seconds)
 
     @app.get("/classifiers", responses=TEACH_ERRORS)
     def list_classifiers() -> ClassifierList:

@@ -34,7 +34,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -42,6 +42,9 @@ from PIL import Image
 from mamlops.errors import UserError
 from mamlops.files import sweep_abandoned, work_dir
 from mamlops.onnx_predict import OnnxClassifier
+
+if TYPE_CHECKING:  # adapt imports torch: only teaching needs it, imported there
+    from mamlops.adapt import MetaModel
 
 ID_LENGTH = 16
 ID_PATTERN = re.compile(f"^[0-9a-f]{{{ID_LENGTH}}}$")
@@ -173,7 +176,7 @@ def zip_support(data: bytes, max_images: int, max_bytes: int) -> dict[str, list[
 
 
 def teach(
-    meta: Any,
+    meta: MetaModel,
     support: dict[str, np.ndarray],
     limits: TeachLimits,
     provenance: dict[str, Any] | None = None,
@@ -312,10 +315,10 @@ class ClassifierStore:
         """The support images' file names by class: ``[{"label", "images": [name, ...]}]``."""
         labels = self.get(cid).labels
         names = sorted(p.name for p in (self.folder(cid) / "support").glob("*.png"))
-        by_class: list[list[str]] = [[] for _ in labels]
+        by_class: list[list[tuple[int, str]]] = [[] for _ in labels]
         for name in names:
             i, _, k = name.removesuffix(".png").partition("-")
-            by_class[int(i)].append((int(k), name))  # type: ignore[arg-type]
+            by_class[int(i)].append((int(k), name))
         return [
             {"label": label, "images": [n for _, n in sorted(imgs)]}
             for label, imgs in zip(labels, by_class, strict=True)
