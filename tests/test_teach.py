@@ -131,11 +131,14 @@ def test_classifiers_survive_a_restart_and_delete(server, drawings, trained_thet
 
     app = create_app(meta_path=trained_theta.path, store=store)  # a second server, same store
     with ThreadServer(app) as url, httpx.Client(base_url=url, timeout=60) as other:
-        listed = other.get("/classifiers").json()["classifiers"]
-        assert cid in [c["id"] for c in listed]
+        listed = other.get("/classifiers").json()
+        assert cid in [c["id"] for c in listed["classifiers"]] and listed["total"] >= 2
+        one = other.get("/classifiers", params={"limit": 1, "offset": 1}).json()
+        assert len(one["classifiers"]) == 1 and one["classifiers"][0] == listed["classifiers"][1]
         assert other.get(f"/classifiers/{cid}").json()["provenance"]["shots_per_class"] == (
             dict.fromkeys(drawings["labels"], 2)
         )
+        assert not app.state.store._cache  # listing reads info.json, loads no session
         after = other.post(f"/classifiers/{cid}/predict", files=query_files(drawings)).json()
         assert after == before
         assert other.delete(f"/classifiers/{cid}").status_code == 204
@@ -311,6 +314,10 @@ def test_store_sweeps_killed_writes_and_bounds_its_cache(server, drawings, tmp_p
         store.get(cid)
     assert len(store._cache) == min(2, len(ids))
     assert store.get(ids[0]).labels  # evicted earlier, loaded again
+    # a damaged info.json: the listing falls back to the model's own metadata
+    want = store.info(ids[0])
+    (store_dir / ids[0] / "info.json").write_text("{not json")
+    assert store.info(ids[0]) == want
     (store_dir / "0123456789abcdef").rmdir()
 
 

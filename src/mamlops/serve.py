@@ -170,6 +170,7 @@ class TaughtClassifier(ClassifierInfo):
 
 class ClassifierList(BaseModel):
     classifiers: list[ClassifierInfo] = Field(description="the most recently taught first")
+    total: int = Field(description="how many the store holds")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -489,21 +490,21 @@ def create_app(
 
     def info(cid: str) -> ClassifierInfo:
         st = the_store()
-        clf = st.get(cid)
+        facts = st.info(cid)
         created = datetime.fromtimestamp(st.created(cid), UTC).isoformat(timespec="seconds")
         base = f"/classifiers/{cid}"
         return ClassifierInfo(
             id=cid,
-            labels=clf.labels,
+            labels=facts["labels"],
             created=created,
             predict_url=f"{base}/predict",
-            model_sha256=clf.sha256,
-            meta_model_sha256=clf.raw_metadata.get("meta_model_sha256"),
+            model_sha256=facts["model_sha256"],
+            meta_model_sha256=facts.get("meta_model_sha256"),
             support=[
-                SupportClass(label=c["label"], images=[f"{base}/support/{n}" for n in c["images"]])
-                for c in st.support(cid)
+                SupportClass(label=label, images=[f"{base}/support/{n}" for n in names])
+                for label, names in zip(facts["labels"], facts["support"], strict=True)
             ],
-            provenance=clf.params,
+            provenance=facts["provenance"],
         )
 
     limits_ = {"max_files": MAX_FILES}
@@ -610,9 +611,14 @@ def create_app(
         return TaughtClassifier(**info(cid).model_dump(), new=new, teach_ms=1000 * taught.seconds)
 
     @app.get("/classifiers", responses=TEACH_ERRORS)
-    def list_classifiers() -> ClassifierList:
-        """Every taught classifier, the most recent first."""
-        return ClassifierList(classifiers=[info(cid) for cid in the_store().ids()])
+    def list_classifiers(
+        limit: Annotated[int, Query(ge=1, le=1000, description="at most this many")] = 100,
+        offset: Annotated[int, Query(ge=0, description="skip the newest this many")] = 0,
+    ) -> ClassifierList:
+        """The taught classifiers, the most recent first, a page at a time."""
+        ids = the_store().ids()
+        page = [info(cid) for cid in ids[offset : offset + limit]]
+        return ClassifierList(classifiers=page, total=len(ids))
 
     @app.get("/classifiers/{cid}", responses=TEACH_ERRORS)
     def get_classifier(cid: str) -> ClassifierInfo:

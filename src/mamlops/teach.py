@@ -15,8 +15,9 @@ Example (a meta-model from ``dvc repro``, two classes of drawings as ``uint8`` a
     cid, new = store.put(taught)
     store.get(cid).predict_images(["drawing.png"])
 
-A store is a folder with one subfolder per classifier (``<id>/model.onnx`` and the support set
-as the 28x28 PNGs the network saw, ``<id>/support/<class>-<shot>.png``). Each is written in a
+A store is a folder with one subfolder per classifier (``<id>/model.onnx``, the support set
+as the 28x28 PNGs the network saw, ``<id>/support/<class>-<shot>.png``, and ``<id>/info.json``
+for listings). Each is written in a
 work folder and renamed into place, so a crash leaves no half classifier; a deleted one is
 renamed away before it is removed. Loaded onnxruntime sessions sit in a small LRU cache.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -50,6 +52,7 @@ ID_LENGTH = 16
 ID_PATTERN = re.compile(f"^[0-9a-f]{{{ID_LENGTH}}}$")
 MAX_LABEL_CHARS = 64
 ZIP_MAGIC = b"PK\x03\x04"
+INFO = "info.json"  # beside model.onnx: labels, hashes, provenance, support file names
 
 
 class TeachError(UserError):
@@ -92,6 +95,7 @@ class Taught:
     labels: list[str]
     support: dict[str, np.ndarray]  # label -> uint8 [K, H, W(, 3)], as the network saw them
     provenance: dict[str, Any]
+    meta_model_sha256: str
     seconds: float  # adaptation plus export
 
     @property
@@ -218,6 +222,7 @@ def teach(
         labels,
         {label: support[raw] for label, raw in zip(labels, support, strict=True)},
         clf.provenance,
+        clf.meta_model_sha256,
         time.perf_counter() - start,
     )
 
@@ -276,9 +281,19 @@ class ClassifierStore:
         tmp = work_dir(self.root / "incoming")
         try:
             (tmp / "support").mkdir()
+            names = []
             for i, label in enumerate(taught.labels):
-                for k, image in enumerate(taught.support[label]):
-                    (tmp / "support" / f"{i}-{k}.png").write_bytes(_png(image))
+                names.append([f"{i}-{k}.png" for k in range(len(taught.support[label]))])
+                for name, image in zip(names[-1], taught.support[label], strict=True):
+                    (tmp / "support" / name).write_bytes(_png(image))
+            info = {
+                "labels": taught.labels,
+                "model_sha256": hashlib.sha256(taught.onnx).hexdigest(),
+                "meta_model_sha256": taught.meta_model_sha256,
+                "provenance": taught.provenance,
+                "support": names,
+            }
+            (tmp / INFO).write_text(json.dumps(info, sort_keys=True, default=str))
             (tmp / "model.onnx").write_bytes(taught.onnx)
             try:
                 os.rename(tmp, dest)
@@ -311,18 +326,30 @@ class ClassifierStore:
                 self._cache.popitem(last=False)
         return clf
 
-    def support(self, cid: str) -> list[dict[str, Any]]:
-        """The support images' file names by class: ``[{"label", "images": [name, ...]}]``."""
-        labels = self.get(cid).labels
+    def info(self, cid: str) -> dict[str, Any]:
+        """What a listing shows of ``cid``, from its small ``info.json``: listing a thousand
+        classifiers must not load a thousand onnxruntime sessions. Keys: ``labels``,
+        ``model_sha256``, ``meta_model_sha256``, ``provenance``, ``support`` (per class, the
+        file names of its support images)."""
+        try:
+            info = json.loads((self.folder(cid) / INFO).read_text())
+            if {"labels", "model_sha256", "provenance", "support"} <= set(info):
+                return info
+        except (OSError, ValueError):
+            pass
+        clf = self.get(cid)  # no or a damaged info.json: the model itself says it all
         names = sorted(p.name for p in (self.folder(cid) / "support").glob("*.png"))
-        by_class: list[list[tuple[int, str]]] = [[] for _ in labels]
+        by_class: list[list[tuple[int, str]]] = [[] for _ in clf.labels]
         for name in names:
             i, _, k = name.removesuffix(".png").partition("-")
             by_class[int(i)].append((int(k), name))
-        return [
-            {"label": label, "images": [n for _, n in sorted(imgs)]}
-            for label, imgs in zip(labels, by_class, strict=True)
-        ]
+        return {
+            "labels": clf.labels,
+            "model_sha256": clf.sha256,
+            "meta_model_sha256": clf.raw_metadata.get("meta_model_sha256"),
+            "provenance": clf.params,
+            "support": [[n for _, n in sorted(imgs)] for imgs in by_class],
+        }
 
     def support_png(self, cid: str, name: str) -> bytes:
         if not re.fullmatch(r"\d+-\d+\.png", name):
