@@ -365,15 +365,14 @@ def _decode(uploads: list[tuple[str, bytes]], dataset: str) -> np.ndarray:
 
 async def read_support(form: Any, max_images: int, max_bytes: int) -> dict[str, list[tuple]]:
     """``{label: [(file name, bytes)]}`` from a teaching form: one field per class, named by
-    the label, in the order sent; or a single field holding a zip of class folders."""
+    the label, in the order sent; or a single field holding a zip of class folders (which
+    ``max_images`` bounds; the form's own count is bounded by its parser)."""
     items = list(form.multi_items())
     texts = sorted({key for key, value in items if not isinstance(value, FormFile)})
     if texts:
         raise _bad(400, f"form field(s) {texts} carry text, not image files")
     if not items:
         raise _bad(400, "no images: send one form field per class, named by its label")
-    if len(items) > max_images:
-        raise _bad(413, f"{len(items)} images; at most {max_images} in one request")
     support: dict[str, list[tuple]] = {}
     for key, upload in items:
         support.setdefault(key, []).append((upload.filename or key, await upload.read()))

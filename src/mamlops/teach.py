@@ -179,12 +179,7 @@ def zip_support(data: bytes, max_images: int, max_bytes: int) -> dict[str, list[
 # ----------------------------------------------------------------------------- teaching
 
 
-def teach(
-    meta: MetaModel,
-    support: dict[str, np.ndarray],
-    limits: TeachLimits,
-    provenance: dict[str, Any] | None = None,
-) -> Taught:
+def teach(meta: MetaModel, support: dict[str, np.ndarray], limits: TeachLimits) -> Taught:
     """Adapt the meta-model ``meta`` (``adapt.MetaModel``) to ``support`` (label -> uint8
     images as ``preprocess.read_image`` returns them, labels in the order given) and export it.
 
@@ -199,10 +194,11 @@ def teach(
     labels = [check_label(label) for label in support]
     if len(set(labels)) < len(labels):
         raise TeachError(f"class names {labels} repeat; give every class its own name")
-    shots = {label: len(support[raw]) for label, raw in zip(labels, support, strict=True)}
+    images = dict(zip(labels, support.values(), strict=True))
+    shots = {label: len(x) for label, x in images.items()}
     check_support(shots, meta.ways, limits)
     start = time.perf_counter()
-    xs = to_float(np.concatenate([support[raw] for raw in support]), meta.dataset)
+    xs = to_float(np.concatenate(list(images.values())), meta.dataset)
     ys = torch.tensor([i for i, label in enumerate(labels) for _ in range(shots[label])])
     clf = adapt_classifier(
         meta,
@@ -213,14 +209,13 @@ def teach(
             "support_dir": "POST /classifiers",
             "shots_per_class": shots,
             "balanced_shots": len(set(shots.values())) == 1,
-            **(provenance or {}),
         },
     )
     data = onnx_bytes(clf)
     return Taught(
         data,
         labels,
-        {label: support[raw] for label, raw in zip(labels, support, strict=True)},
+        images,
         clf.provenance,
         clf.meta_model_sha256,
         time.perf_counter() - start,
