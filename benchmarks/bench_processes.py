@@ -70,7 +70,7 @@ def main() -> None:
         log_every=10,
     )
     prepared = (args.prepared or ROOT / "data" / "prepared" / preset["dataset"]).resolve()
-    if not (prepared / "splits.json").is_file():
+    if not (prepared / "meta.json").is_file():
         sys.exit(f"{prepared}: not prepared; run `dvc repro prepare@{preset['dataset']}` first")
     print(
         f"{args.setting}, {args.iterations} iterations of {preset['meta_batch']} tasks, "

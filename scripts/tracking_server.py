@@ -226,7 +226,7 @@ def main() -> None:
         return
     os.environ["MLFLOW_TRACKING_URI"] = url
     prepared = ROOT / "data" / "prepared" / "omniglot"
-    if not (prepared / "splits.json").is_file():
+    if not (prepared / "meta.json").is_file():
         raise SystemExit(f"{prepared}: not prepared; run `dvc repro prepare@omniglot` first")
     log_tiny_run(prepared, args.state / "check")
     print(json.dumps(read_back(url), indent=1))

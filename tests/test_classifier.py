@@ -63,6 +63,27 @@ def test_per_step_bn_and_lr_keys_are_reduced(built) -> None:
     assert torch.equal(first.params["bn0.weight"], clf.params["bn0.weight"])
 
 
+def test_reference_bn_is_served_like_any_other(built) -> None:
+    """A meta-model with the reference code's BatchNorm (no scale, a shift with a step axis)
+    becomes an ordinary classifier file: scales of 1, one shift row, the same predictions."""
+    from mamlops.model import batch_stats, forward, forward_folded
+
+    clf, queries = built
+    theta = {k: v for k, v in clf.params.items() if not k.endswith(".weight") or "bn" not in k}
+    theta = per_step_bn(theta, steps=0)
+    assert "bn0.weight" not in theta and theta["bn0.bias"].shape == (1, clf.model_cfg.hidden)
+    x = to_tensor(queries)
+    stats = batch_stats(theta, x, clf.model_cfg)
+    served = Classifier(theta, stats, clf.model_cfg, clf.labels, "omniglot", "0", {})
+    assert torch.equal(served.params["bn2.weight"], torch.ones(clf.model_cfg.hidden))
+    assert served.params["bn2.bias"].shape == (clf.model_cfg.hidden,)
+    want = forward(theta, x, clf.model_cfg, stats)
+    torch.testing.assert_close(served.logits(x), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        forward_folded(served.folded(), x, clf.model_cfg), want, atol=1e-4, rtol=0
+    )
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ClassifierFileError, match="not found"):
         Classifier.load(tmp_path / "nope.safetensors")

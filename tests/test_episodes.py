@@ -62,13 +62,18 @@ def test_episodes_seeded_per_split_and_setting() -> None:
 
 
 def test_adding_a_setting_leaves_others_unchanged(tmp_path: Path) -> None:
-    splits = {"val": list(range(40)), "test": list(range(40, 100))}
+    splits = {
+        "scheme": "s",
+        "rotations": False,
+        "val": list(range(40)),
+        "test": list(range(40, 100)),
+    }
     counts = {"val": 5, "test": 7}
     write_episode_files(tmp_path / "one", splits, 20, [(5, 1)], 15, counts, seed=3)
     write_episode_files(tmp_path / "two", splits, 20, [(20, 1), (5, 1)], 15, counts, seed=3)
     for split in ("val", "test"):
-        one = np.load(tmp_path / "one" / "episodes" / f"{split}_5w1s.npz")
-        two = np.load(tmp_path / "two" / "episodes" / f"{split}_5w1s.npz")
+        one = np.load(tmp_path / "one" / "episodes" / "s" / f"{split}_5w1s.npz")
+        two = np.load(tmp_path / "two" / "episodes" / "s" / f"{split}_5w1s.npz")
         for key in ("classes", "support", "query"):
             np.testing.assert_array_equal(one[key], two[key])
 
@@ -155,3 +160,106 @@ def test_sampler_is_deterministic(train_bank: torch.Tensor) -> None:
 def test_sampler_rejects_impossible_tasks(train_bank, ways, shots, query, message) -> None:
     with pytest.raises(ValueError, match=message):
         TaskSampler(train_bank, ways, shots, query)
+
+
+# --------------------------------------------------------------------------- reference tasks
+
+
+def _coded_bank(rows: int) -> torch.Tensor:
+    """A bank whose every image names its row: pixel (0, 0) = row % 256, (0, 1) = row // 256."""
+    bank = torch.zeros(rows, 20, 28, 28, dtype=torch.uint8)
+    bank[:, :, 0, 0] = (torch.arange(rows) % 256)[:, None]
+    bank[:, :, 0, 1] = (torch.arange(rows) // 256)[:, None]
+    return bank
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    code = torch.round(255 * (1 - x[..., 0, 0, :2])).long()  # images are 1 - x / 255
+    return code[..., 0] + 256 * code[..., 1]
+
+
+def test_distinct_character_tasks_take_one_rotation_of_each_character() -> None:
+    """group=4: the reference code's tasks, N distinct characters at random rotations."""
+    bank = _coded_bank(4 * 30)
+    tasks = TaskSampler(bank, 20, 1, 1, seed=0, group=4).sample(200)
+    rows = _rows(tasks.xs)  # [T, 20]
+    assert (rows == _rows(tasks.xq)).all()  # support and query of a class: the same row
+    chars = rows // 4
+    assert all(len(set(c.tolist())) == 20 for c in chars)  # never one character twice
+    assert set((rows % 4).flatten().tolist()) == {0, 1, 2, 3}  # every rotation drawn
+    # the plain sampler puts one character in two rotations in most 20-way tasks of this bank
+    plain = _rows(TaskSampler(bank, 20, 1, 1, seed=0).sample(200).xs) // 4
+    assert sum(len(set(c.tolist())) < 20 for c in plain) > 100
+    with pytest.raises(ValueError, match="30-way tasks need 30 classes, the split has 25"):
+        TaskSampler(_coded_bank(100), 30, 1, 1, group=4)
+
+
+def test_character_groups_of_the_prepared_splits(omniglot_prepared: Path) -> None:
+    from mamlops.episodes import character_groups
+
+    for scheme in ("vinyals", "random", "official"):
+        assert character_groups(omniglot_prepared, "train", scheme) == 4
+
+
+@pytest.mark.parametrize("scheme", ["random", "official"])
+def test_distinct_character_schemes_episodes(omniglot_prepared: Path, scheme: str) -> None:
+    eps = load_episodes(omniglot_prepared, "test", 20, 1, scheme)
+    assert read_splits(omniglot_prepared, scheme)["distinct_characters"] is True
+    assert all(len(set((row // 4).tolist())) == 20 for row in eps.classes)
+    assert set((eps.classes % 4).flatten().tolist()) == {0, 1, 2, 3}
+
+
+def test_within_alphabet_episodes(omniglot_prepared: Path) -> None:
+    import csv
+
+    with open(omniglot_prepared / "classes.csv", newline="") as f:
+        alphabet = [row["alphabet"] for row in csv.DictReader(f)]
+    for scheme in ("vinyals", "official"):
+        eps = load_episodes(omniglot_prepared, "test", 20, 1, scheme, alphabet=True)
+        assert len(eps) == 600 and (eps.classes % 4 == 0).all()  # upright characters only
+        scripts = [{alphabet[c // 4] for c in row.tolist()} for row in eps.classes]
+        assert all(len(s) == 1 for s in scripts)
+        assert len(set.union(*scripts)) >= 10  # episodes spread over the split's alphabets
+        assert all(len(set(row.tolist())) == 20 for row in eps.classes)
+    official = {alphabet[c // 4] for c in read_splits(omniglot_prepared, "official")["test"]}
+    assert set.union(*scripts) <= official and len(official) == 20
+
+
+def test_affine_augmentation_warps_each_image_reproducibly(train_bank: torch.Tensor) -> None:
+    plain = TaskSampler(train_bank, 5, 1, 3, seed=4).sample(6)
+    a = TaskSampler(train_bank, 5, 1, 3, seed=4, augment="affine").sample(6)
+    b = TaskSampler(train_bank, 5, 1, 3, seed=4, augment="affine").sample(6)
+    torch.testing.assert_close(a.xs, b.xs, rtol=0, atol=0)
+    assert a.xs.shape == plain.xs.shape and not torch.equal(a.xs, plain.xs)
+    assert float(a.xs.min()) >= 0.0 and float(a.xs.max()) <= 1.0
+    # small warps: the same classes and labels, ink moved rather than destroyed
+    assert torch.equal(a.ys, plain.ys)
+    ink_a, ink_p = a.xq.sum(dim=(2, 3, 4)), plain.xq.sum(dim=(2, 3, 4))
+    assert ((ink_a / ink_p - 1).abs() < 0.35).all()
+    # a shard draws the same numbers as the whole meta-batch (torchrun)
+    half = TaskSampler(train_bank, 5, 1, 3, seed=4, augment="affine").sample(6, slice(3, 6))
+    torch.testing.assert_close(half.xq, a.xq[3:6], rtol=0, atol=0)
+
+
+def test_alphabet_tasks_take_characters_of_one_alphabet_at_one_rotation() -> None:
+    bank = _coded_bank(4 * 30)
+    alphabets = np.array(["a"] * 12 + ["b"] * 4 + ["c"] * 14)  # "b" is too small for 5-way
+    sampler = TaskSampler(bank, 5, 1, 2, seed=3, group=4, alphabets=alphabets)
+    rows = _rows(sampler.sample(300).xs)
+    for task in rows:
+        chars = (task // 4).tolist()
+        assert len(set(chars)) == 5 and len({alphabets[c] for c in chars}) == 1
+        assert len(set((task % 4).tolist())) == 1  # the whole task at one rotation
+    scripts = {alphabets[int(task[0]) // 4] for task in rows}
+    assert scripts == {"a", "c"}
+    with pytest.raises(Exception, match="no alphabet has 15 characters"):
+        TaskSampler(bank, 15, 1, 2, group=4, alphabets=alphabets)
+
+
+def test_character_alphabets_of_the_official_split(omniglot_prepared: Path) -> None:
+    from mamlops.episodes import character_alphabets
+
+    train = character_alphabets(omniglot_prepared, "train", "official")
+    val = character_alphabets(omniglot_prepared, "val", "official")
+    assert len(train) == 806 and len(val) == 158
+    assert len(set(train)) == 25 and set(train).isdisjoint(val)

@@ -163,3 +163,25 @@ def test_report_table_and_readme(tmp_path) -> None:
         report.update_readme(readme, table)
     assert cli("--metrics", str(metrics), "--readme", str(readme)) == 1
     assert readme.read_text() == "# no markers\n"
+
+
+def test_k_query_protocol_scores_the_first_k_queries(theta, trained_theta, result) -> None:
+    """``query=K``: the paper's protocol (K query images per class); the support-BN protocol
+    adapts on the same support set whatever the query size, so its per-episode accuracies
+    are those of the full query set restricted to fewer images: same mean within sampling,
+    and the transductive batch is smaller, so its numbers change."""
+    cfg = trained_theta.cfg
+    short = evaluate_setting(
+        theta, cfg, trained_theta.prepared, limit=N_EPISODES, query=cfg.shots, curve=False
+    )
+    assert short["n"] == N_EPISODES
+    for protocol in ("transductive", "support"):
+        assert len(short[protocol]["curve"]) == 1  # the final step only
+        assert short[protocol]["curve"][0] == pytest.approx(short[protocol]["acc"])
+        per = short[protocol]["per_episode"]
+        assert all(
+            round(a * cfg.ways * cfg.shots) == pytest.approx(a * cfg.ways * cfg.shots) for a in per
+        )  # K*N queries per episode
+    assert short["transductive"]["per_episode"] != result["transductive"]["per_episode"]
+    with pytest.raises(ValueError, match="query must be"):
+        evaluate_setting(theta, cfg, trained_theta.prepared, limit=2, query=10_000)

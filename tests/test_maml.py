@@ -76,6 +76,19 @@ MAMLPP = MAMLConfig(
     multi_step_loss=True,
     multi_step_anneal_iters=10,
 )
+# the reference code's network and loss (docs/accuracy.md): BN shift only and not adapted,
+# N(0, 1) head, smoothed targets
+REFERENCE = MAMLConfig(
+    inner_lr=0.4,
+    inner_steps=2,
+    bn_scale=False,
+    adapt_bn=False,
+    head_init="normal",
+    label_smoothing=0.05,
+)
+# meta-trained for the deployed protocol: the query normalised with the support set's
+# statistics under the adapted weights, differentiated through
+SUPPORT_BN = MAMLConfig(inner_lr=0.4, inner_steps=2, query_bn="support")
 
 
 @pytest.mark.parametrize("cfg", [STRIDED, POOLED], ids=["strided", "pooled"])
@@ -85,8 +98,11 @@ MAMLPP = MAMLConfig(
         MAMLConfig(inner_lr=0.4, inner_steps=2),
         MAMLConfig(inner_lr=0.4, inner_steps=1, first_order=True),
         MAMLPP,
+        REFERENCE,
+        SUPPORT_BN,
+        replace(MAMLPP, query_bn="support"),
     ],
-    ids=["second-order", "first-order", "maml++"],
+    ids=["second-order", "first-order", "maml++", "reference", "support-bn", "maml++-support"],
 )
 def test_batched_equals_loop(cfg, mcfg):
     tasks = _tasks(cfg)
@@ -101,7 +117,9 @@ def test_batched_equals_loop(cfg, mcfg):
 
 @pytest.mark.parametrize("strategy", ["loop", "batched"])
 @pytest.mark.parametrize(
-    "mcfg", [MAMLConfig(inner_lr=0.4, inner_steps=2), MAMLPP], ids=["maml", "maml++"]
+    "mcfg",
+    [MAMLConfig(inner_lr=0.4, inner_steps=2), MAMLPP, REFERENCE, SUPPORT_BN],
+    ids=["maml", "maml++", "reference", "support-bn"],
 )
 def test_meta_gradient_matches_finite_differences(strategy, mcfg):
     cfg = STRIDED
@@ -277,3 +295,73 @@ def test_auto_picks_batched_for_small_cpu_tasks(monkeypatch):
     mcfg = MAMLConfig(inner_lr=0.4, inner_steps=1)
     meta_loss(_meta_params(cfg, mcfg), _tasks(cfg), cfg, mcfg)
     assert calls == ["batched"]
+
+
+def test_reference_switches_shape_theta_and_the_inner_loop():
+    """bn_scale: false leaves the BN scale out; adapt_bn: false gives the BN shift a step axis
+    of one row, which the inner loop leaves alone (theta says by itself how to adapt it)."""
+    cfg = STRIDED
+    theta = init_meta_params(cfg, REFERENCE, torch.Generator().manual_seed(0))
+    assert not any(k.startswith("bn") and k.endswith(".weight") for k in theta)
+    assert theta["bn0.bias"].shape == (1, cfg.hidden)
+    assert not any(n.startswith("bn") for n in adapted_names(theta))
+    tasks = _tasks(cfg)
+    params = _meta_params(cfg, REFERENCE)
+    fast = adapt(params, tasks.xs[0], tasks.ys[0], cfg, 2, 0.4, create_graph=False)
+    assert torch.equal(fast["bn1.bias"], params["bn1.bias"])
+    assert not torch.equal(fast["conv1.weight"], params["conv1.weight"])
+    # the default adapts BN: a plain MAML theta keeps one BN row per layer, no step axis
+    plain = init_meta_params(cfg, MAMLConfig(), torch.Generator().manual_seed(0))
+    assert plain["bn0.bias"].shape == (cfg.hidden,) and "bn0.weight" in plain
+    assert {"bn0.weight", "bn0.bias"} <= set(adapted_names(plain))
+
+
+def test_head_init_normal_is_unit_variance_and_leaves_the_convs_alone():
+    cfg = replace(STRIDED, hidden=64, ways=20)
+    xavier = init_meta_params(cfg, MAMLConfig(), torch.Generator().manual_seed(3))
+    normal = init_meta_params(cfg, REFERENCE, torch.Generator().manual_seed(3))
+    assert torch.equal(xavier["conv3.weight"], normal["conv3.weight"])
+    assert normal["head.weight"].std().item() == pytest.approx(1.0, abs=0.1)
+    assert xavier["head.weight"].std().item() < 0.3  # Xavier: sqrt(2 / (64 + 20)) = 0.15
+
+
+def test_label_smoothing_is_the_reference_targets_up_to_scale():
+    """The reference's targets 0.9 * onehot + 0.01 (N classes): its loss equals
+    (0.9 + 0.01 N) times cross-entropy with label smoothing 0.01 N / (0.9 + 0.01 N)."""
+    from mamlops.maml import task_loss
+
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 20):
+        logits = torch.randn(7, n, generator=g, dtype=torch.float64)
+        labels = torch.randint(n, (7,), generator=g)
+        targets = 0.9 * F.one_hot(labels, n).double() + 0.01
+        reference = -(targets * logits.log_softmax(-1)).sum(-1).mean()
+        total = 0.9 + 0.01 * n
+        ours = total * task_loss(logits, labels, 0.01 * n / total)
+        torch.testing.assert_close(ours, reference)
+
+
+def test_evaluation_adapts_with_the_label_smoothing_it_is_given():
+    cfg = STRIDED
+    tasks = _tasks(cfg)
+    params = {k: v.detach() for k, v in _meta_params(cfg, MAMLConfig()).items()}
+    from mamlops.maml import adapt_detached
+
+    *_, plain = adapt_detached(params, tasks.xs, tasks.ys, cfg, 2, 0.4)
+    *_, smooth = adapt_detached(params, tasks.xs, tasks.ys, cfg, 2, 0.4, label_smoothing=0.2)
+    assert not torch.allclose(plain["head.weight"], smooth["head.weight"])
+
+
+def test_support_bn_meta_loss_scores_the_deployed_protocol():
+    """query_bn: support makes the meta-loss's accuracy the support-BN accuracy that
+    evaluation reports for the same adapted weights (and not the transductive one)."""
+    cfg = STRIDED
+    tasks = _tasks(cfg, n_tasks=4, queries=3)
+    params = _meta_params(cfg, SUPPORT_BN)
+    _, metrics = meta_loss(params, tasks, cfg, SUPPORT_BN)
+    detached = {k: v.detach() for k, v in params.items()}
+    support = evaluate_tasks(detached, tasks, cfg, 2, 0.4, bn="support").mean()
+    torch.testing.assert_close(metrics["query_acc"], support)
+    loss_t, _ = meta_loss(params, tasks, cfg, replace(SUPPORT_BN, query_bn="transductive"))
+    loss_s, _ = meta_loss(params, tasks, cfg, SUPPORT_BN)
+    assert abs(loss_s.item() - loss_t.item()) > 1e-3

@@ -99,9 +99,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory, pipeline_env: dict[str, str])
 def test_prepare_outputs(repo: Path) -> None:
     prepared = repo / "data" / "prepared" / "omniglot"
     assert (prepared / "images.npy").is_file()
-    splits = json.loads((prepared / "splits.json").read_text())
+    splits = json.loads((prepared / "splits" / "vinyals.json").read_text())
     assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (4112, 688, 1692)
-    assert (prepared / "episodes" / "test_5w1s.npz").is_file()
+    assert json.loads((prepared / "meta.json").read_text())["splits"][0] == "vinyals"
+    for scheme in ("vinyals", "random", "official"):
+        assert (prepared / "episodes" / scheme / "test_5w1s.npz").is_file()
+        assert (prepared / "episodes" / scheme / "test_alphabet_5w1s.npz").is_file()
 
 
 def test_status_clean_after_repro(repo: Path, pipeline_env: dict[str, str]) -> None:
@@ -151,10 +154,11 @@ def test_metrics_are_numbers_only(repo: Path, pipeline_env: dict[str, str]) -> N
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, pipeline_env))
     files = shown[""]["data"] if "" in shown else next(iter(shown.values()))["data"]
     values = {k: v for f in files.values() for k, v in f["data"].items()}
-    assert len(files) == 3 and len(values) <= 12, sorted(values)
+    assert len(files) == 3 and len(values) <= 16, sorted(values)
     for key, value in values.items():
         assert isinstance(value, int | float) and not isinstance(value, bool), key
     assert values["parity_ppm"] < 10  # |ORT - torch| < 1e-5
+    assert 0.2 < values["acc_k_query_transductive"] <= 1.0  # the paper's K-query protocol
     results = json.loads((repo / "results" / f"{SETTING}.json").read_text())
     assert results["dataset"] == "omniglot" and results["episodes"] == TEST_EPISODES
     assert results["hardware"].startswith(("CPU", "GPU"))

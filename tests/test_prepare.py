@@ -159,17 +159,20 @@ def test_bad_params_name_the_key(repo_params: dict, path: str, value: object, na
 
 
 def test_ways_checked_against_the_chosen_split(repo_params: dict) -> None:
-    # 600-way fits Vinyals val (688 classes) but not random val (400 classes)
+    # 600-way fits Vinyals val (688 classes) but not random val (100 distinct characters)
     p = _with(repo_params, "prepare.episodes.settings", [{"ways": 600, "shots": 1}])
-    PrepareConfig.from_params(p)
-    with pytest.raises(ParamsError, match=r"settings\[0\]\.ways = 600 .* 400 classes of the val"):
-        PrepareConfig.from_params(_with(p, "prepare.omniglot.split", "random"))
+    PrepareConfig.from_params(_with(p, "prepare.omniglot.splits", ["vinyals"]))
+    with pytest.raises(ParamsError, match=r"settings\[0\]\.ways = 600 .* 100 classes of the val"):
+        PrepareConfig.from_params(_with(p, "prepare.omniglot.splits", ["vinyals", "random"]))
+    with pytest.raises(ParamsError, match=r"prepare.omniglot.split is now prepare.omniglot.splits"):
+        PrepareConfig.from_params(_with(repo_params, "prepare.omniglot.split", "random"))
 
 
 @pytest.mark.parametrize(
     ("path", "value", "dataset", "named"),
     [
         ("prepare.omniglot.split", "nope", "omniglot", "prepare.omniglot.split"),
+        ("prepare.omniglot.splits", ["nope"], "omniglot", "prepare.omniglot.splits"),
         ("prepare.omniglot.image_size", 32, "omniglot", "prepare.omniglot.image_size"),
         ("data.miniimagenet_dir", "", "miniimagenet", "data.miniimagenet_dir"),
         ("data.miniimagenet_dir", "", "cifar", "'cifar'"),
@@ -268,5 +271,5 @@ def test_miniimagenet_prepare_shapes_and_order_on_generated_jpegs(
     assert [(r["set"], r["wnid"]) for r in rows][:2] == [("train", "n010"), ("train", "n020")]
     first = colours["n01000000000.jpg"]
     assert np.abs(images[0, 0].mean(axis=(0, 1)) - first).max() < 3
-    assert summary["classes"] == {"train": 2, "val": 2, "test": 2}
+    assert summary["schemes"]["ravi"]["classes"] == {"train": 2, "val": 2, "test": 2}
     assert read_splits(tmp_path / "out")["test"] == [4, 5]

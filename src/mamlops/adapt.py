@@ -128,6 +128,11 @@ class MetaModel:
     def lr(self) -> float:
         return float(self.train_config["inner_lr"])
 
+    @property
+    def label_smoothing(self) -> float:
+        """The inner loss's label smoothing theta was meta-trained with (0 before it existed)."""
+        return float(self.train_config.get("label_smoothing", 0.0))
+
 
 def adapt_folder(
     support_dir: str | Path,
@@ -215,7 +220,9 @@ def adapt_classifier(
     params["head.bias"] = params["head.bias"][:n_way]
     cfg = dataclasses.replace(model_cfg, ways=n_way)
     # the one test-time adaptation (maml.adapt_detached), for a single task
-    *_, fast = maml.adapt_detached(params, xs[None], ys[None], cfg, steps, lr)
+    *_, fast = maml.adapt_detached(
+        params, xs[None], ys[None], cfg, steps, lr, label_smoothing=meta.label_smoothing
+    )
     fast = {k: v[0] for k, v in fast.items()}
     stats = batch_stats(fast, xs, cfg, step=steps)
     with torch.no_grad():  # fit on the support set itself: a cheap sanity number for the user

@@ -47,6 +47,7 @@ TRAINING_CODE = (
     "maml.py",
     "model.py",
     "preprocess.py",
+    "splits.py",
     "train.py",
 )
 THETA_FILES = dict(zip(THETA_CHOICES, ("theta_best.safetensors", "theta.safetensors"), strict=True))

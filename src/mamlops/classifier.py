@@ -63,7 +63,9 @@ def serving_params(params: Params, bn_step: int | None = None) -> Params:
     Drops non-network keys (MAML++'s learned inner lrs ``lr.*``) and, for per-step BN weights
     ([steps, C]), keeps the row the final prediction uses: ``bn_step`` clamped to the last row,
     or the last row when ``bn_step`` is None (test-time adaptation runs at least as many steps
-    as training did). The BN statistics passed alongside must come from that same step.
+    as training did). The BN statistics passed alongside must come from that same step. A
+    meta-model without BN scales (the reference code's BatchNorm) gets scales of 1, so every
+    classifier file has the same tensors.
     """
     out: Params = {}
     for name, tensor in params.items():
@@ -73,6 +75,10 @@ def serving_params(params: Params, bn_step: int | None = None) -> Params:
             row = tensor.shape[0] - 1 if bn_step is None else min(bn_step, tensor.shape[0] - 1)
             tensor = tensor[row]
         out[name] = tensor
+    for i in range(N_BLOCKS):
+        shift = out.get(f"bn{i}.bias")
+        if shift is not None and f"bn{i}.weight" not in out:
+            out[f"bn{i}.weight"] = torch.ones_like(shift)
     return out
 
 

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 PARAMS_FILE = Path("params.yaml")
 PRESETS_FILE = "presets.yaml"  # beside the params file: the training presets, by setting name
 Strategy = Literal["auto", "loop", "batched"]
+QueryBN = Literal["transductive", "support"]
+HeadInit = Literal["xavier", "normal"]  # the output layer's init: Xavier, or the reference's N(0,1)
+Augment = Literal["none", "affine"]  # training images as drawn, or small random affine warps
 _T = TypeVar("_T")
 
 
@@ -200,6 +203,12 @@ def check_params(params: dict[str, Any]) -> None:
                 f"params.yaml: train.settings.{name} trains on {dataset}, which "
                 f"prepare.datasets {list(prepare.datasets)} does not prepare; add it there"
             )
+        if prepare is not None and cfg.split not in (None, *prepare.schemes(dataset)):
+            raise ParamsError(
+                f"{PRESETS_FILE}:{name}.split is {cfg.split!r}, which the prepare stage does "
+                f"not prepare for {dataset} ({list(prepare.schemes(dataset))}); add it to "
+                "prepare.omniglot.splits in params.yaml"
+            )
 
 
 def _presets(params: dict[str, Any]) -> dict[str, Any]:
@@ -293,7 +302,7 @@ class EpisodeConfig:
 @dataclass(frozen=True)
 class _OmniglotKeys:
     __pydantic_config__ = _SCHEMA
-    split: SplitName
+    splits: Annotated[tuple[SplitName, ...], Field(min_length=1)] = ("vinyals",)
     split_seed: NonNegInt = 1
     rotations: Bool = True
 
@@ -320,12 +329,16 @@ class PrepareConfig:
     """The checked ``prepare`` section. Image sizes are not here: they are facts of the data set
     (``datasets.py``), shared with the network and the served classifier."""
 
-    split: str
+    splits: tuple[str, ...]  # Omniglot split schemes to prepare, the default first
     split_seed: int
     rotations: bool
     miniimagenet_settings: tuple[tuple[int, int], ...]
     episodes: EpisodeConfig
     datasets: tuple[str, ...] = ("omniglot",)
+
+    def schemes(self, dataset: str) -> tuple[str, ...]:
+        """The split schemes prepared for ``dataset``, the default first."""
+        return self.splits if dataset == "omniglot" else tuple(datasets.get(dataset).split_sizes)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> PrepareConfig:
@@ -338,6 +351,12 @@ class PrepareConfig:
                     "size is a fact of the data set that the network and the served classifier "
                     "share (mamlops/datasets.py); remove the key"
                 )
+        if isinstance(prep.get("omniglot"), dict) and "split" in prep["omniglot"]:
+            raise ParamsError(
+                "params.yaml: prepare.omniglot.split is now prepare.omniglot.splits, a list of "
+                "split schemes to prepare (the first is the default; a preset picks one with "
+                f"split:), e.g. splits: [{prep['omniglot']['split']}]"
+            )
         keys = _checked(_PrepareKeys, prep, "params.yaml: prepare")
         if len(set(keys.datasets)) < len(keys.datasets):
             raise ParamsError(
@@ -350,15 +369,24 @@ class PrepareConfig:
             if len(set(pairs)) < len(pairs):
                 raise ParamsError(f"params.yaml: {where} lists a setting twice")
         om, episodes = keys.omniglot, keys.episodes
-        factor = 4 if om.rotations else 1  # each rotation by 90 degrees is a class of its own
-        _check_fits(
-            episodes.settings,
-            "prepare.episodes.settings",
-            episodes.query,
-            [n * factor for n in datasets.OMNIGLOT.split_sizes[om.split]],
-            datasets.OMNIGLOT,
-            f"Omniglot, split {om.split}, rotations {str(om.rotations).lower()}",
-        )
+        if len(set(om.splits)) < len(om.splits):
+            raise ParamsError(
+                f"params.yaml: prepare.omniglot.splits lists a split twice: {om.splits}"
+            )
+        for scheme in om.splits:
+            # each rotation by 90 degrees is a class of its own, unless the scheme's episodes
+            # draw distinct characters
+            distinct = scheme in datasets.OMNIGLOT.distinct_character_schemes
+            factor = 4 if om.rotations and not distinct else 1
+            _check_fits(
+                episodes.settings,
+                "prepare.episodes.settings",
+                episodes.query,
+                [n * factor for n in datasets.OMNIGLOT.split_sizes[scheme]],
+                datasets.OMNIGLOT,
+                f"Omniglot, split {scheme}, rotations {str(om.rotations).lower()}"
+                + (", distinct characters" if distinct else ""),
+            )
         _check_fits(
             keys.miniimagenet.settings,
             "prepare.miniimagenet.settings",
@@ -368,7 +396,7 @@ class PrepareConfig:
             "miniImageNet, Ravi split",
         )
         return cls(
-            om.split,
+            om.splits,
             om.split_seed,
             om.rotations,
             keys.miniimagenet.settings,
@@ -412,6 +440,15 @@ class MAMLConfig(_Fields):
     ``multi_step_loss``, the iterations over which the weight of the intermediate-step losses
     decays to a floor while the final step's weight grows. ``strategy``: how a meta-batch is
     executed (``maml.resolve_strategy``); it changes speed, not the math.
+
+    Four switches reproduce the reference code (cbfinn/maml) where it differs from this
+    project's defaults (docs/accuracy.md): ``bn_scale: false`` (its BatchNorm learns an offset
+    only), ``adapt_bn: false`` (its BatchNorm offsets are meta-learned but not adapted by the
+    inner loop), ``head_init: normal`` (its Omniglot output layer starts N(0, 1)) and
+    ``label_smoothing`` (its targets ``0.9 * onehot + 0.01`` are label smoothing
+    ``0.01 N / (0.9 + 0.01 N)`` on a loss scaled by ``(0.9 + 0.01 N) / K``; the scale is the
+    inner lr's business). The first two are visible in theta itself (no ``bn*.weight``; BN
+    tensors with a step axis), so evaluation and serving need no config for them.
     """
 
     __pydantic_config__ = _SCHEMA
@@ -424,6 +461,14 @@ class MAMLConfig(_Fields):
     multi_step_loss: Bool = False
     multi_step_anneal_iters: NonNegInt = 0
     first_order_iters: NonNegInt = 0
+    bn_scale: Bool = True
+    adapt_bn: Bool = True
+    head_init: HeadInit = "xavier"
+    label_smoothing: Annotated[float, Field(strict=True, ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    # the BatchNorm statistics of the query pass in the meta-loss: the query batch's own (the
+    # paper's transductive protocol) or the support set's under the adapted weights, as a
+    # deployed classifier normalises (``maml.query_logits``'s two protocols)
+    query_bn: QueryBN = "transductive"
 
 
 _MAML_KEYS = tuple(f.name for f in fields(MAMLConfig))
@@ -449,6 +494,17 @@ class TrainConfig:
     meta_lr: PosFloat
     iterations: PosInt
     maml: MAMLConfig = field(default_factory=MAMLConfig)
+    # which class split of the prepared data (prepare.<dataset>.splits) it trains and is scored
+    # on; None: the data set's default (Vinyals for Omniglot, Ravi for miniImageNet)
+    split: Str | None = None
+    # training tasks only: N distinct characters, each turned by a random multiple of 90
+    # degrees (the reference code's tasks), instead of N of the rotated classes (a task may
+    # then hold one character twice, in two rotations)
+    distinct_characters: Bool = False
+    # training tasks only: the N characters of a task come from one alphabet, the whole task
+    # at one random rotation (what a user teaching one script faces; Omniglot)
+    alphabet_tasks: Bool = False
+    augment: Augment = "none"  # training images only; "affine": small random warps per image
     seed: NonNegInt = 0
     device: Str = "auto"
     processes: PosInt = 1  # >1: data-parallel under torchrun (distributed.py)
@@ -468,6 +524,11 @@ class TrainConfig:
         cfg = _checked(cls, nested, where)
         if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
             raise ParamsError(f"{where}.device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+        schemes = list(datasets.get(cfg.dataset).split_sizes)
+        if cfg.split is not None and cfg.split not in schemes:
+            raise ParamsError(
+                f"{where}.split must be one of {schemes} for {cfg.dataset}, got {cfg.split!r}"
+            )
         if cfg.meta_batch % cfg.processes:
             raise ParamsError(
                 f"{where}: meta_batch {cfg.meta_batch} does not split over {cfg.processes} "
@@ -574,6 +635,11 @@ class EvaluateConfig(_Fields):
     steps: NonNegInt | None = None  # None: the preset's test_inner_steps
     batch: PosInt = 50
     grid_episodes: PosInt = 3  # a declared DVC output: always draw at least one episode
+    # also score the within-alphabet test episodes (Omniglot: N characters of one script)
+    within_alphabet: Bool = True
+    # also score transductive BN with K query images per class (the MAML paper's protocol;
+    # the standard metrics use every query image of the episode)
+    reference_query: Bool = True
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> EvaluateConfig:

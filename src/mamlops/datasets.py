@@ -31,6 +31,9 @@ class Dataset:
     images_per_class: int
     # classes (Omniglot: characters, before rotations) per split (train, val, test) per scheme
     split_sizes: dict[str, tuple[int, int, int]]
+    # schemes whose episodes take N distinct characters, each at a random rotation (the MAML
+    # paper code's tasks), rather than N of the rotated classes (splits.py)
+    distinct_character_schemes: tuple[str, ...] = ()
 
     @property
     def scale(self) -> str:
@@ -59,6 +62,7 @@ OMNIGLOT = Dataset(
         "random": (1100, 100, 423),
         "official": (806, 158, 659),
     },
+    distinct_character_schemes=("random", "official"),
 )
 
 MINIIMAGENET = Dataset(

@@ -9,14 +9,18 @@ Training draws fresh tasks every iteration. MAML spends little compute per task,
 must not become the bottleneck: it keeps one split as a ``uint8`` tensor (rotations materialised)
 and builds a whole meta-batch with a few tensor ops; no per-image Python, no DataLoader.
 
-Episode file ``episodes/<split>_<N>w<K>s.npz``: int64 arrays ``classes`` [E, N] (class ids as in
-``splits.json``), ``support`` [E, N, K] and ``query`` [E, N, Q] (image indices within the class,
-disjoint). In a task, label ``j`` is the ``j``-th class of its row; rows are drawn in random
-order, so labels are a random assignment. Examples are grouped by class (class-major).
+Episode file ``episodes/<scheme>/<split>_<N>w<K>s.npz``: int64 arrays ``classes`` [E, N] (class
+ids as in ``splits/<scheme>.json``), ``support`` [E, N, K] and ``query`` [E, N, Q] (image
+indices within the class, disjoint). In a task, label ``j`` is the ``j``-th class of its row;
+rows are drawn in random order, so labels are a random assignment. Examples are grouped by class
+(class-major). ``<split>_alphabet_<N>w<K>s.npz`` (Omniglot): the same, but the N classes of an
+episode are upright characters of one alphabet, drawn among the alphabets of the split that
+have at least N characters.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,10 +32,11 @@ import torch
 from mamlops import datasets
 from mamlops.errors import DataError
 from mamlops.preprocess import to_float
-from mamlops.splits import decode_class, read_splits
+from mamlops.splits import N_ROTATIONS, decode_class, read_splits, resolve_scheme
 
 EPISODE_DIR = "episodes"
 IMAGES_FILE = "images.npy"
+ALPHABET = "alphabet"  # the kind of the within-alphabet episode files
 
 
 def setting_name(ways: int, shots: int) -> str:
@@ -39,9 +44,20 @@ def setting_name(ways: int, shots: int) -> str:
     return f"{ways}w{shots}s"
 
 
-def episode_path(prepared_dir: str | Path, split: str, ways: int, shots: int) -> Path:
-    """Where the fixed episodes of one split and setting live."""
-    return Path(prepared_dir) / EPISODE_DIR / f"{split}_{setting_name(ways, shots)}.npz"
+def episode_path(
+    prepared_dir: str | Path,
+    split: str,
+    ways: int,
+    shots: int,
+    scheme: str | None = None,
+    *,
+    alphabet: bool = False,
+) -> Path:
+    """Where the fixed episodes of one split and setting live (``alphabet``: the
+    within-alphabet ones); ``scheme`` None is the folder's default split scheme."""
+    scheme = resolve_scheme(prepared_dir, scheme)
+    kind = f"{split}_{ALPHABET}" if alphabet else split
+    return Path(prepared_dir) / EPISODE_DIR / scheme / f"{kind}_{setting_name(ways, shots)}.npz"
 
 
 def episode_rng(seed: int, split: str, ways: int, shots: int) -> np.random.Generator:
@@ -59,15 +75,66 @@ def make_episodes(
     count: int,
     seed: int,
     split: str,
+    *,
+    group: int = 1,
 ) -> dict[str, np.ndarray]:
-    """``count`` episodes over ``class_ids``: N distinct classes, disjoint support and query."""
-    check_task_shape(len(class_ids), images_per_class, ways, shots, query)
+    """``count`` episodes over ``class_ids``: N distinct classes, disjoint support and query.
+
+    ``group`` > 1: the (sorted) ids come in groups of that many rotations of one character, and
+    an episode takes N distinct characters, each at a random one of its rotations.
+    """
+    check_task_shape(len(class_ids) // group, images_per_class, ways, shots, query)
     rng = episode_rng(seed, split, ways, shots)
     ids = np.asarray(class_ids, dtype=np.int64)
-    picks = np.stack([rng.choice(len(ids), size=ways, replace=False) for _ in range(count)])
+    n = len(ids) // group
+    picks = np.stack([rng.choice(n, size=ways, replace=False) for _ in range(count)])
+    if group > 1:
+        picks = picks * group + rng.integers(group, size=picks.shape)
     order = rng.random((count, ways, images_per_class)).argsort(axis=-1)
     return {
         "classes": ids[picks],
+        "support": order[..., :shots].astype(np.int64),
+        "query": order[..., shots : shots + query].astype(np.int64),
+    }
+
+
+def alphabet_members(
+    class_ids: Sequence[int], alphabets: Sequence[str], rotations: bool
+) -> dict[str, list[int]]:
+    """The upright classes of ``class_ids`` by alphabet (``alphabets[char_id]``), sorted."""
+    members: dict[str, list[int]] = {}
+    for cid in sorted(int(c) for c in class_ids):
+        char, k = decode_class(cid, rotations)
+        if int(k) == 0:
+            members.setdefault(alphabets[int(char)], []).append(cid)
+    return dict(sorted(members.items()))
+
+
+def make_alphabet_episodes(
+    members: dict[str, list[int]],
+    images_per_class: int,
+    ways: int,
+    shots: int,
+    query: int,
+    count: int,
+    seed: int,
+    split: str,
+) -> dict[str, np.ndarray] | None:
+    """``count`` episodes whose N classes are characters of one alphabet (uniform over the
+    alphabets with at least N characters, then N of its characters); None when no alphabet
+    has N characters."""
+    eligible = [a for a, ids in members.items() if len(ids) >= ways]
+    if not eligible:
+        return None
+    check_task_shape(len(members[eligible[0]]), images_per_class, ways, shots, query)
+    rng = episode_rng(seed, f"{split}:{ALPHABET}", ways, shots)
+    classes = np.empty((count, ways), dtype=np.int64)
+    for e in range(count):
+        ids = members[eligible[rng.integers(len(eligible))]]
+        classes[e] = np.asarray(ids, dtype=np.int64)[rng.choice(len(ids), ways, replace=False)]
+    order = rng.random((count, ways, images_per_class)).argsort(axis=-1)
+    return {
+        "classes": classes,
         "support": order[..., :shots].astype(np.int64),
         "query": order[..., shots : shots + query].astype(np.int64),
     }
@@ -81,18 +148,33 @@ def write_episode_files(
     query: int,
     counts: dict[str, int],
     seed: int,
+    alphabets: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Write one ``.npz`` per (split, setting); ``counts`` maps split name to episode count."""
+    """Write one ``.npz`` per (split, setting) of the scheme ``splits`` describes into
+    ``episodes/<scheme>/``; ``counts`` maps split name to episode count. With ``alphabets``
+    (the alphabet of each character), also the within-alphabet episodes."""
+    out = Path(prepared_dir) / EPISODE_DIR / splits["scheme"]
+    out.mkdir(parents=True, exist_ok=True)
+    rotations = bool(splits["rotations"])
+    group = N_ROTATIONS if splits.get("distinct_characters") and rotations else 1
     paths = []
     for split, count in counts.items():
+        members = alphabet_members(splits[split], alphabets, rotations) if alphabets else None
         for ways, shots in settings:
+            name = setting_name(ways, shots)
             arrays = make_episodes(
-                splits[split], images_per_class, ways, shots, query, count, seed, split
+                splits[split], images_per_class, ways, shots, query, count, seed, split, group=group
             )
-            path = episode_path(prepared_dir, split, ways, shots)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, **arrays)
-            paths.append(path)
+            paths.append(out / f"{split}_{name}.npz")
+            np.savez(paths[-1], **arrays)
+            if members is None:
+                continue
+            arrays = make_alphabet_episodes(
+                members, images_per_class, ways, shots, query, count, seed, split
+            )
+            if arrays is not None:
+                paths.append(out / f"{split}_{ALPHABET}_{name}.npz")
+                np.savez(paths[-1], **arrays)
     return paths
 
 
@@ -104,29 +186,44 @@ class Episodes:
     ways: int
     shots: int
     classes: np.ndarray  # [E, N] class ids
-    rows: np.ndarray  # [E, N] rows of load_bank(prepared_dir, split)
+    rows: np.ndarray  # [E, N] rows of load_bank(prepared_dir, split, scheme)
     support: np.ndarray  # [E, N, K]
     query: np.ndarray  # [E, N, Q]
+    scheme: str | None = None
 
     def __len__(self) -> int:
         return len(self.classes)
 
 
-def load_episodes(prepared_dir: str | Path, split: str, ways: int, shots: int) -> Episodes:
+def load_episodes(
+    prepared_dir: str | Path,
+    split: str,
+    ways: int,
+    shots: int,
+    scheme: str | None = None,
+    *,
+    alphabet: bool = False,
+) -> Episodes:
     """Read a fixed episode file and map its class ids to rows of the split's bank."""
-    path = episode_path(prepared_dir, split, ways, shots)
+    scheme = resolve_scheme(prepared_dir, scheme)
+    path = episode_path(prepared_dir, split, ways, shots, scheme, alphabet=alphabet)
     if not path.is_file():
+        if alphabet:
+            raise FileNotFoundError(
+                f"{path} not found: no {split} alphabet of split {scheme} has {ways} characters"
+                " (or the data set has no alphabets)"
+            )
         raise FileNotFoundError(
             f"{path} not found: add {{ways: {ways}, shots: {shots}}} to "
             "prepare.episodes.settings and rerun the prepare stage"
         )
     with np.load(path) as f:
         classes, support, query = f["classes"], f["support"], f["query"]
-    ids = np.asarray(read_splits(prepared_dir)[split], dtype=np.int64)  # sorted when written
+    ids = np.asarray(read_splits(prepared_dir, scheme)[split], dtype=np.int64)  # sorted
     rows = np.searchsorted(ids, classes)
     if not np.array_equal(ids[np.minimum(rows, len(ids) - 1)], classes):
-        raise DataError(f"{path}: classes not in the {split} split of splits.json; re-prepare")
-    return Episodes(split, ways, shots, classes, rows, support, query)
+        raise DataError(f"{path}: classes not in the {split} split of {scheme}; re-prepare")
+    return Episodes(split, ways, shots, classes, rows, support, query, scheme)
 
 
 def bank_dataset(bank: torch.Tensor) -> str:
@@ -136,14 +233,14 @@ def bank_dataset(bank: torch.Tensor) -> str:
     return next(d.name for d in datasets.DATASETS.values() if d.channels == channels)
 
 
-def load_bank(prepared_dir: str | Path, split: str) -> torch.Tensor:
+def load_bank(prepared_dir: str | Path, split: str, scheme: str | None = None) -> torch.Tensor:
     """All images of one split as ``uint8`` ``[C, M, H, W]`` (or ``[C, M, H, W, 3]``).
 
-    Row ``i`` is the ``i``-th class id of ``splits.json[split]``; rotated classes are rotated
-    here once, so sampling is pure indexing.
+    Row ``i`` is the ``i``-th class id of ``splits/<scheme>.json[split]``; rotated classes are
+    rotated here once, so sampling is pure indexing.
     """
     prepared_dir = Path(prepared_dir)
-    splits = read_splits(prepared_dir)
+    splits = read_splits(prepared_dir, scheme)
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; expected train, val or test")
     ids = np.asarray(splits[split], dtype=np.int64)
@@ -214,7 +311,16 @@ def gather_tasks(
 
 
 class TaskSampler:
-    """Random N-way K-shot tasks from a bank (``load_bank``), reproducible for a seed."""
+    """Random N-way K-shot tasks from a bank (``load_bank``), reproducible for a seed.
+
+    ``group`` > 1: the bank's rows come in groups of that many rotations of one character
+    (``character_groups``), and a task takes N distinct characters, each at a random one of its
+    rotations: the reference code's tasks (``distinct_characters``). ``alphabets`` (the
+    alphabet of each character, ``character_alphabets``): a task takes N characters of one
+    alphabet, drawn uniformly among the alphabets with at least N, all at one random rotation
+    (``alphabet_tasks``). ``augment="affine"`` warps every image by a small random affine
+    transform (``affine_augment``).
+    """
 
     def __init__(
         self,
@@ -224,9 +330,33 @@ class TaskSampler:
         query: int,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        *,
+        group: int = 1,
+        augment: str = "none",
+        alphabets: np.ndarray | None = None,
     ) -> None:
-        check_task_shape(bank.shape[0], bank.shape[1], ways, shots, query)
+        if group < 1 or bank.shape[0] % group:
+            raise ValueError(f"a bank of {bank.shape[0]} rows has no groups of {group}")
+        check_task_shape(bank.shape[0] // group, bank.shape[1], ways, shots, query)
+        self.alphabets = self.eligible = None
+        if alphabets is not None:
+            alphabets = np.asarray(alphabets)
+            if len(alphabets) != bank.shape[0] // group:
+                raise ValueError(
+                    f"{len(alphabets)} alphabets for {bank.shape[0] // group} characters"
+                )
+            names, counts = np.unique(alphabets, return_counts=True)
+            if counts.max() < ways:
+                raise DataError(
+                    f"{ways}-way tasks of one alphabet: no alphabet has {ways} characters"
+                )
+            device = bank.device if generator is None else generator.device
+            self.alphabets = torch.as_tensor(np.searchsorted(names, alphabets), device=device)
+            self.eligible = torch.as_tensor(np.flatnonzero(counts >= ways), device=device)
+        if augment not in ("none", "affine"):
+            raise ValueError(f"unknown augment {augment!r}: expected 'none' or 'affine'")
         self.bank, self.ways, self.shots, self.query = bank, ways, shots, query
+        self.group, self.augment = group, augment
         self.dataset = bank_dataset(bank)
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
@@ -244,13 +374,90 @@ class TaskSampler:
         # top-k of uniform noise = N distinct classes in random order (random label assignment)
         # drawn on the generator's device: a CUDA generator keeps sampling on the GPU, with no
         # host-to-device copy (and so no sync) per iteration
-        rows = torch.rand(n_tasks, n_classes, generator=g, device=g.device)
+        rows = torch.rand(n_tasks, n_classes // self.group, generator=g, device=g.device)
+        if self.alphabets is not None:  # only the characters of the task's alphabet compete
+            pick = torch.randint(len(self.eligible), (n_tasks, 1), generator=g, device=g.device)
+            rows = rows.masked_fill(self.alphabets[None, :] != self.eligible[pick], -1.0)
         rows = rows.topk(self.ways, dim=1).indices
         noise = torch.rand(n_tasks, self.ways, n_images, generator=g, device=g.device)
         images = noise.argsort(dim=-1)[..., : self.shots + self.query]
+        if self.group > 1:  # a random rotation of each character, or of the whole task
+            shape = (n_tasks, 1) if self.alphabets is not None else rows.shape
+            turn = torch.randint(self.group, shape, generator=g, device=g.device)
+            rows = rows * self.group + turn
         if part is not None:
             rows, images = rows[part], images[part]
-        return gather_tasks(self.bank, rows, images, self.shots, self.dataset)
+        tasks = gather_tasks(self.bank, rows, images, self.shots, self.dataset)
+        if self.augment == "affine":
+            fill = "zeros" if datasets.get(self.dataset).invert else "border"
+            tasks.xs = affine_augment(tasks.xs, g, n_tasks, part, fill)
+            tasks.xq = affine_augment(tasks.xq, g, n_tasks, part, fill)
+        return tasks
+
+
+# Small warps, the range of a person's drawing the same character twice: rotation, scale per
+# axis, shear, and a shift of up to 2 of 28 pixels.
+AFFINE_DEGREES, AFFINE_SCALE, AFFINE_SHEAR, AFFINE_SHIFT = 10.0, 0.1, 0.15, 2 / 14
+
+
+def affine_augment(
+    x: torch.Tensor, g: torch.Generator, n_tasks: int, part: slice | None, fill: str
+) -> torch.Tensor:
+    """``x`` [T, B, C, H, W] with each image warped by its own random affine transform.
+
+    The numbers are drawn for all ``n_tasks`` tasks and then sliced by ``part``, like the
+    tasks themselves, so a shard's images do not depend on the number of processes.
+    """
+    t, b = x.shape[:2]
+    n = n_tasks * b
+    u = torch.rand(n, 6, generator=g, device=g.device).to(x.device) * 2 - 1  # U(-1, 1)
+    if part is not None:
+        u = u.reshape(n_tasks, b, 6)[part].reshape(-1, 6)
+    angle = u[:, 0] * math.radians(AFFINE_DEGREES)
+    sx, sy = 1 + AFFINE_SCALE * u[:, 1], 1 + AFFINE_SCALE * u[:, 2]
+    shear = AFFINE_SHEAR * u[:, 3]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(t * b, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * sx, -sin * sy + shear
+    theta[:, 1, 0], theta[:, 1, 1] = sin * sx, cos * sy
+    theta[:, :, 2] = AFFINE_SHIFT * u[:, 4:6]
+    flat = x.reshape(t * b, *x.shape[2:])
+    grid = torch.nn.functional.affine_grid(theta, list(flat.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(flat, grid, padding_mode=fill, align_corners=False)
+    return out.reshape(x.shape)
+
+
+def character_alphabets(
+    prepared_dir: str | Path, split: str, scheme: str | None = None
+) -> np.ndarray:
+    """The alphabet of each character of ``split``, in bank order (a row, or a group of rows
+    with rotations), from ``classes.csv``."""
+    import csv
+
+    with open(Path(prepared_dir) / "classes.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "alphabet" not in rows[0]:
+        raise DataError(f"{prepared_dir}: the data set has no alphabets (classes.csv)")
+    splits = read_splits(prepared_dir, scheme)
+    group = character_groups(prepared_dir, split, scheme)
+    chars, _ = decode_class(np.asarray(splits[split], dtype=np.int64)[::group], splits["rotations"])
+    return np.array([rows[int(c)]["alphabet"] for c in chars])
+
+
+def character_groups(prepared_dir: str | Path, split: str, scheme: str | None = None) -> int:
+    """How many bank rows each character of ``split`` has (4 with rotations, else 1), checked:
+    every character must have all its rotations, in consecutive rows."""
+    splits = read_splits(prepared_dir, scheme)
+    if not splits["rotations"]:
+        return 1
+    ids = np.asarray(splits[split], dtype=np.int64)
+    group = N_ROTATIONS
+    whole = len(ids) % group == 0 and np.array_equal(
+        ids.reshape(-1, group) % group, np.tile(np.arange(group), (len(ids) // group, 1))
+    )
+    if not whole:
+        raise DataError(f"the {split} split does not hold all {group} rotations of each character")
+    return group
 
 
 def episode_tasks(
@@ -260,7 +467,7 @@ def episode_tasks(
     (a prepared-folder path reloads the split every call)."""
     bank = bank_or_prepared
     if not isinstance(bank, torch.Tensor):
-        bank = load_bank(bank, episodes.split)
+        bank = load_bank(bank, episodes.split, episodes.scheme)
     sl = slice(start, stop)
     rows = torch.from_numpy(episodes.rows[sl])
     images = torch.from_numpy(np.concatenate([episodes.support[sl], episodes.query[sl]], axis=-1))

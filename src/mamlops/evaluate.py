@@ -15,6 +15,7 @@ sample std would be larger by sqrt(600/599), i.e. 0.08%.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -26,10 +27,18 @@ from torch import Tensor
 from mamlops import maml, tracking
 from mamlops.checkpoint import load_theta, theta_file
 from mamlops.config import EvaluateConfig, TrainConfig, hardware, resolve_device
-from mamlops.episodes import Tasks, episode_tasks, load_bank, load_episodes
+from mamlops.episodes import (
+    Episodes,
+    Tasks,
+    episode_path,
+    episode_tasks,
+    load_bank,
+    load_episodes,
+)
 from mamlops.figures import episode_grid, steps_rows, write_steps_csv
 from mamlops.files import write_json
 from mamlops.model import ConvNetConfig, Params
+from mamlops.splits import resolve_scheme
 
 PROTOCOLS = ("transductive", "support")
 
@@ -65,6 +74,10 @@ def evaluate_setting(
     batch: int = 50,
     limit: int | None = None,
     device: str | torch.device | None = None,
+    within_alphabet: bool = False,
+    query: int | None = None,
+    curve: bool = True,
+    subset: str = "test",
 ) -> dict[str, Any]:
     """Adapt ``theta_params`` on each fixed test episode of ``cfg``'s setting; score both protocols.
 
@@ -72,33 +85,70 @@ def evaluate_setting(
     memory, not results, depends on it up to float rounding). Deterministic: the episodes are fixed
     files and test-time adaptation draws no random numbers.
 
-    Returns ``{"n", "steps", "inner_lr", "transductive": {"acc", "ci95", "curve"}, "support": ...}``
-    where ``curve[s]`` is the mean query accuracy after ``s`` inner steps (0..steps).
+    Returns ``{"n", "steps", "inner_lr", "split", "transductive": {"acc", "ci95", "curve",
+    "per_episode"}, "support": ...}`` where ``curve[s]`` is the mean query accuracy after ``s``
+    inner steps (0..steps) and ``per_episode`` the final accuracy of each episode (for paired
+    comparisons of two models). ``within_alphabet``: also ``"alphabet"``, the same for the
+    within-alphabet episodes of the split (``episodes.make_alphabet_episodes``), or None when
+    the prepared data have none for this setting. ``query`` keeps the first that many query
+    images per class of each episode (the reference code's protocol scores K per class, so
+    its transductive BatchNorm sees 1 image per class in 1-shot tasks). ``curve=False`` scores
+    the final step only (``curve`` is then that one number): scoring every step costs about
+    ten times the adaptation itself. ``subset="val"`` scores the validation episodes instead
+    (choosing a recipe without looking at the test classes).
     """
     steps, lr = resolve_inner(cfg, steps, lr)
     dev = resolve_device(cfg.device) if device is None else torch.device(device)
-    model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
-    episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots)
-    n = len(episodes) if limit is None else min(int(limit), len(episodes))
-    if n < 1:
-        raise ValueError("no test episodes to evaluate (limit < 1 or empty episode file)")
-    bank = load_bank(prepared_dir, "test").to(dev)
+    scheme = resolve_scheme(prepared_dir, cfg.split)
+    bank = load_bank(prepared_dir, subset, scheme).to(dev)
     params = {k: v.detach().to(dev) for k, v in theta_params.items()}
-    curves: dict[str, list[Tensor]] = {p: [] for p in PROTOCOLS}
-    for start in range(0, n, batch):
-        tasks = episode_tasks(bank, episodes, start, min(start + batch, n)).to(dev)
+
+    def score(episodes: Episodes) -> dict[str, Any]:
+        if query is not None:
+            if not 1 <= query <= episodes.query.shape[-1]:
+                raise ValueError(f"query must be 1..{episodes.query.shape[-1]}, got {query}")
+            episodes = dataclasses.replace(episodes, query=episodes.query[..., :query])
+        n = len(episodes) if limit is None else min(int(limit), len(episodes))
+        if n < 1:
+            raise ValueError("no test episodes to evaluate (limit < 1 or empty episode file)")
+        model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
+        curves: dict[str, list[Tensor]] = {p: [] for p in PROTOCOLS}
+        for start in range(0, n, batch):
+            tasks = episode_tasks(bank, episodes, start, min(start + batch, n)).to(dev)
+            for protocol in PROTOCOLS:
+                acc = maml.evaluate_tasks(
+                    params,
+                    tasks,
+                    model_cfg,
+                    steps,
+                    lr,
+                    protocol,
+                    curve=curve,
+                    label_smoothing=cfg.maml.label_smoothing,
+                )
+                curves[protocol].append(acc.cpu().reshape(len(acc), -1))
+        out: dict[str, Any] = {"n": n}
         for protocol in PROTOCOLS:
-            acc = maml.evaluate_tasks(params, tasks, model_cfg, steps, lr, protocol, curve=True)
-            curves[protocol].append(acc.cpu())
-    result: dict[str, Any] = {"n": n, "steps": steps, "inner_lr": lr}
-    for protocol in PROTOCOLS:
-        per_episode = torch.cat(curves[protocol]).to(torch.float64)  # [n, steps + 1]
-        acc, ci = mean_ci95(per_episode[:, -1])
-        result[protocol] = {
-            "acc": acc,
-            "ci95": ci,
-            "curve": per_episode.mean(dim=0).tolist(),
-        }
+            per_episode = torch.cat(curves[protocol]).to(torch.float64)  # [n, steps + 1]
+            acc, ci = mean_ci95(per_episode[:, -1])
+            out[protocol] = {
+                "acc": acc,
+                "ci95": ci,
+                "curve": per_episode.mean(dim=0).tolist(),
+                "per_episode": per_episode[:, -1].tolist(),
+            }
+        return out
+
+    standard = score(load_episodes(prepared_dir, subset, cfg.ways, cfg.shots, scheme))
+    result: dict[str, Any] = {"steps": steps, "inner_lr": lr, "split": scheme, **standard}
+    if within_alphabet:
+        path = episode_path(prepared_dir, subset, cfg.ways, cfg.shots, scheme, alphabet=True)
+        result["alphabet"] = None
+        if path.is_file():
+            episodes = load_episodes(
+                prepared_dir, subset, cfg.ways, cfg.shots, scheme, alphabet=True
+            )
+            result["alphabet"] = score(episodes)
     return result
 
 
@@ -109,12 +159,16 @@ def predict_tasks(
     steps: int,
     lr: float,
     bn: str = "support",
+    *,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Predicted query labels [T, Q] after ``steps`` inner steps (for figures and spot checks):
     the same test-time adaptation as the accuracies (``maml.adapt_detached``)."""
     if bn not in PROTOCOLS:
         raise ValueError(f"unknown bn protocol {bn!r}: expected one of {PROTOCOLS}")
-    *_, fast = maml.adapt_detached(params, tasks.xs, tasks.ys, model_cfg, steps, lr)
+    *_, fast = maml.adapt_detached(
+        params, tasks.xs, tasks.ys, model_cfg, steps, lr, label_smoothing=label_smoothing
+    )
     return maml.query_logits(fast, tasks, model_cfg, steps, bn).argmax(-1)
 
 
@@ -151,7 +205,13 @@ def evaluate_stage(
         tracking.log_dataset(Path(prepared_dir), cfg.dataset, "testing")
         t0 = time.perf_counter()
         result = evaluate_setting(
-            theta, cfg, prepared_dir, steps=ev.steps, batch=ev.batch, device=device
+            theta,
+            cfg,
+            prepared_dir,
+            steps=ev.steps,
+            batch=ev.batch,
+            device=device,
+            within_alphabet=ev.within_alphabet,
         )
         metrics = {
             "acc_transductive": result["transductive"]["acc"],
@@ -159,9 +219,33 @@ def evaluate_stage(
             "acc_support": result["support"]["acc"],
             "ci95_support": result["support"]["ci95"],
         }
+        episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots, result["split"])
+        k_query = None
+        if ev.reference_query and cfg.shots < episodes.query.shape[-1]:
+            # the MAML paper's protocol: K query images per class, so transductive BN sees a
+            # batch the size of the training query (docs/accuracy.md); the final step only
+            k_query = evaluate_setting(
+                theta,
+                cfg,
+                prepared_dir,
+                steps=ev.steps,
+                batch=ev.batch,
+                device=device,
+                query=cfg.shots,
+                curve=False,
+            )["transductive"]
+            metrics["acc_k_query_transductive"] = k_query["acc"]
+            metrics["ci95_k_query_transductive"] = k_query["ci95"]
+        alphabet = result.get("alphabet")
+        if alphabet is not None:  # tasks of one script: what a user teaching a script faces
+            for protocol in PROTOCOLS:
+                metrics[f"acc_alphabet_{protocol}"] = alphabet[protocol]["acc"]
+                metrics[f"ci95_alphabet_{protocol}"] = alphabet[protocol]["ci95"]
         results = {
             "setting": cfg.name,
             "dataset": cfg.dataset,
+            "split": result["split"],
+            "alphabet_episodes": None if alphabet is None else alphabet["n"],
             "ways": cfg.ways,
             "shots": cfg.shots,
             "episodes": result["n"],
@@ -177,10 +261,16 @@ def evaluate_stage(
         write_json(results_path, results)
         rows = steps_rows(result)
         write_steps_csv(rows, steps_csv)
-        episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots)
         tasks = episode_tasks(prepared_dir, episodes, 0, ev.grid_episodes)
         model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
-        preds = predict_tasks(theta, tasks, model_cfg, result["steps"], result["inner_lr"])
+        preds = predict_tasks(
+            theta,
+            tasks,
+            model_cfg,
+            result["steps"],
+            result["inner_lr"],
+            label_smoothing=cfg.maml.label_smoothing,
+        )
         episode_grid(
             tasks,
             preds,
@@ -205,7 +295,20 @@ def evaluate_stage(
     print(
         f"{cfg.name}: {100 * t['acc']:.2f} +- {100 * t['ci95']:.2f}% (transductive BN), "
         f"{100 * s['acc']:.2f} +- {100 * s['ci95']:.2f}% (support BN) on {result['n']} "
-        f"episodes, {result['steps']} steps"
+        f"episodes of split {result['split']}, {result['steps']} steps"
         + ("" if parent else " (training run not in this MLflow store: logged on its own)")
     )
+    if k_query is not None:
+        print(
+            f"{cfg.name}: {100 * k_query['acc']:.2f} +- {100 * k_query['ci95']:.2f}% "
+            f"(transductive BN) with {cfg.shots} query image(s) per class, as the MAML paper "
+            "scores"
+        )
+    if alphabet is not None:
+        t, s = alphabet["transductive"], alphabet["support"]
+        print(
+            f"{cfg.name}: within one alphabet {100 * t['acc']:.2f} +- {100 * t['ci95']:.2f}% "
+            f"(transductive BN), {100 * s['acc']:.2f} +- {100 * s['ci95']:.2f}% (support BN) "
+            f"on {alphabet['n']} episodes"
+        )
     return metrics

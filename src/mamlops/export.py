@@ -156,10 +156,10 @@ def export_onnx(classifier: Classifier, out_path: str | Path, opset: int = DEFAU
     return atomic_write(out_path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def class_labels(prepared: Path, class_ids: np.ndarray) -> list[str]:
+def class_labels(prepared: Path, class_ids: np.ndarray, scheme: str | None = None) -> list[str]:
     """Readable labels for class ids: ``Alphabet/characterNN`` plus the rotation, if any."""
     rows = read_classes(prepared)
-    rotations = bool(read_splits(prepared).get("rotations", False))
+    rotations = bool(read_splits(prepared, scheme).get("rotations", False))
     labels = []
     for cid in class_ids.tolist():
         item, k = decode_class(int(cid), rotations)
@@ -193,7 +193,7 @@ def export_stage(
         tags={"mamlops.setting": cfg.name},
         system_metrics=False,
     ):
-        episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots)
+        episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots, cfg.split)
         ex.check_demo_episode(len(episodes))
         e = ex.demo_episode
         tasks = episode_tasks(prepared_dir, episodes, e, e + 1)
@@ -201,7 +201,7 @@ def export_stage(
             theta_path,
             tasks.xs[0],
             tasks.ys[0],
-            class_labels(prepared_dir, episodes.classes[e]),
+            class_labels(prepared_dir, episodes.classes[e], episodes.scheme),
             provenance={"demo_task": f"test episode {e} of {prepared_dir}", "setting": cfg.name},
         )
         clf.save(model_dir / "classifier.safetensors")

@@ -42,6 +42,7 @@ from mamlops.config import MAMLConfig, Strategy
 from mamlops.model import (
     ConvNetConfig,
     Params,
+    batch_stats,
     batch_stats_tasks,
     expand_params,
     forward,
@@ -71,10 +72,19 @@ class TaskBatch(Protocol):
 def init_meta_params(
     model_cfg: ConvNetConfig, maml_cfg: MAMLConfig, generator: torch.Generator | None = None
 ) -> Params:
-    """Network weights plus the meta-parameters the enabled MAML++ switches add."""
-    params = init_params(model_cfg, generator)
+    """Network weights plus the meta-parameters the enabled MAML++ switches add.
+
+    ``adapt_bn: false`` (without per-step BN) gives the BN weights a step axis of one row: the
+    mark of weights that are meta-learned but not adapted (``adapted_names``), so theta says by
+    itself how to adapt it.
+    """
+    params = init_params(
+        model_cfg, generator, bn_scale=maml_cfg.bn_scale, head_init=maml_cfg.head_init
+    )
     if maml_cfg.per_step_bn:
         params = per_step_bn(params, maml_cfg.inner_steps)
+    elif not maml_cfg.adapt_bn:
+        params = per_step_bn(params, 0)
     if maml_cfg.learn_inner_lr:
         for name in adapted_names(params):
             params[LR_PREFIX + name] = torch.full((maml_cfg.inner_steps,), maml_cfg.inner_lr)
@@ -82,10 +92,12 @@ def init_meta_params(
 
 
 def adapted_names(params: Params) -> list[str]:
-    """Names the inner loop updates: every network weight except per-step BN scale/shift.
+    """Names the inner loop updates: every network weight except BN weights with a step axis.
 
     Per-step BN weights are meta-learned only (as in MAML++): adapting a table indexed by step
-    in a loop that uses one row per step would be a no-op for all rows but one.
+    in a loop that uses one row per step would be a no-op for all rows but one. A single row
+    (``adapt_bn: false``) is the reference code's BatchNorm, whose offsets the inner loop
+    leaves alone.
     """
     names = []
     for k, v in params.items():
@@ -115,6 +127,23 @@ def _sgd_step(
     return out
 
 
+def task_loss(
+    logits: Tensor, labels: Tensor, label_smoothing: float = 0.0, reduction: str = "mean"
+) -> Tensor:
+    """Cross-entropy over flattened logits, the one loss of the inner loop and of the query.
+
+    ``label_smoothing`` is PyTorch's (targets ``(1 - e) * onehot + e / N``); the reference code's
+    ``0.9 * onehot + 0.01`` is ``e = 0.01 N / (0.9 + 0.01 N)`` on a loss scaled by
+    ``0.9 + 0.01 N`` (and divided by K), a scale that only rescales the inner lr.
+    """
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+
+
 def _inner_grads(loss: Tensor, weights: list[Tensor], create_graph: bool, first_order: bool):
     """Support-loss gradients; kept in the graph only for second-order MAML."""
     second_order = create_graph and not first_order
@@ -132,13 +161,14 @@ def adapt_history(
     *,
     create_graph: bool,
     first_order: bool = False,
+    label_smoothing: float = 0.0,
 ) -> list[Params]:
     """The weights after each of inner steps 0..steps for one task (see ``adapt``)."""
     names = adapted_names(params)
     history = [params]
     for s in range(steps):
         fast = history[-1]
-        loss = F.cross_entropy(forward(fast, xs, model_cfg, step=s), ys)
+        loss = task_loss(forward(fast, xs, model_cfg, step=s), ys, label_smoothing)
         grads = _inner_grads(loss, [fast[n] for n in names], create_graph, first_order)
         history.append(_sgd_step(fast, names, grads, params, s, lr))
     return history
@@ -154,6 +184,7 @@ def adapt(
     *,
     create_graph: bool,
     first_order: bool = False,
+    label_smoothing: float = 0.0,
 ) -> Params:
     """Inner loop for one task: ``steps`` SGD steps on the support loss, step size ``lr``.
 
@@ -165,7 +196,15 @@ def adapt(
     (``lr.*`` keys in ``params``) override ``lr``.
     """
     history = adapt_history(
-        params, xs, ys, model_cfg, steps, lr, create_graph=create_graph, first_order=first_order
+        params,
+        xs,
+        ys,
+        model_cfg,
+        steps,
+        lr,
+        create_graph=create_graph,
+        first_order=first_order,
+        label_smoothing=label_smoothing,
     )
     return history[-1]
 
@@ -181,6 +220,7 @@ def adapt_tasks(
     create_graph: bool,
     first_order: bool = False,
     keep_all: bool = False,
+    label_smoothing: float = 0.0,
 ) -> list[Params]:
     """``adapt`` for all tasks at once: xs [T, B, ...] -> per-task weights (leading axis T).
 
@@ -194,9 +234,7 @@ def adapt_tasks(
     for s in range(steps):
         logits = forward_tasks(fast, xs, model_cfg, step=s)
         # Sum of per-task mean losses: d/d(theta_t) of the sum is task t's own gradient.
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="sum"
-        )
+        loss = task_loss(logits, ys, label_smoothing, reduction="sum")
         grads = _inner_grads(loss / batch, [fast[n] for n in names], create_graph, first_order)
         fast = _sgd_step(fast, names, grads, params, s, lr)
         if keep_all:
@@ -276,10 +314,9 @@ def meta_loss(
         logits_per_step = _query_logits_batched(params, tasks, model_cfg, maml_cfg, first_order)
     else:
         logits_per_step = _query_logits_loop(params, tasks, model_cfg, maml_cfg, first_order)
-    yq = tasks.yq.reshape(-1)
     loss = tasks.yq.new_zeros((), dtype=tasks.xq.dtype)
     for w, logits in zip(weights, logits_per_step, strict=True):
-        loss = loss + w * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yq)
+        loss = loss + w * task_loss(logits, tasks.yq, maml_cfg.label_smoothing)
     final = logits_per_step[-1].detach()
     acc = (final.argmax(-1) == tasks.yq).to(final.dtype).mean()
     return loss, {"loss": loss.detach(), "query_acc": acc}
@@ -301,13 +338,24 @@ def _query_logits_batched(
         create_graph=True,
         first_order=first_order,
         keep_all=multi,
+        label_smoothing=mcfg.label_smoothing,
     )
     if multi:
         history = history[1:]
         first = 1
     else:
         first = mcfg.inner_steps
-    return [forward_tasks(w, tasks.xq, cfg, step=first + i) for i, w in enumerate(history)]
+    support = mcfg.query_bn == "support"
+    return [
+        forward_tasks(
+            w,
+            tasks.xq,
+            cfg,
+            batch_stats_tasks(w, tasks.xs, cfg, step=s, detach=False) if support else None,
+            step=s,
+        )
+        for s, w in enumerate(history, start=first)
+    ]
 
 
 def _query_logits_loop(
@@ -327,10 +375,18 @@ def _query_logits_loop(
             mcfg.inner_lr,
             create_graph=True,
             first_order=first_order,
+            label_smoothing=mcfg.label_smoothing,
         )
+        support = mcfg.query_bn == "support"
         per_task.append(
             [
-                forward(w, tasks.xq[t], cfg, step=s)
+                forward(
+                    w,
+                    tasks.xq[t],
+                    cfg,
+                    batch_stats(w, tasks.xs[t], cfg, step=s, detach=False) if support else None,
+                    step=s,
+                )
                 for s, w in enumerate(history[first:], start=first)
             ]
         )
@@ -338,14 +394,22 @@ def _query_logits_loop(
 
 
 def adapt_detached(
-    params: Params, xs: Tensor, ys: Tensor, model_cfg: ConvNetConfig, steps: int, lr: float
+    params: Params,
+    xs: Tensor,
+    ys: Tensor,
+    model_cfg: ConvNetConfig,
+    steps: int,
+    lr: float,
+    *,
+    label_smoothing: float = 0.0,
 ) -> Iterator[Params]:
     """Test-time adaptation, the one used everywhere after training: the weights of T tasks
     (support ``xs`` [T, B, ...], ``ys`` [T, B]) after 0, 1, ..., ``steps`` inner steps, batched
     and detached (no meta-gradient, so no graph is kept across steps).
 
     Yields per-task weights (leading axis T) lazily: a consumer that scores each step holds one
-    step's weights at a time. Learned inner lrs (``lr.*`` keys) override ``lr``.
+    step's weights at a time. Learned inner lrs (``lr.*`` keys) override ``lr``;
+    ``label_smoothing`` must be the one theta was meta-trained with.
     """
     n_tasks, batch = ys.shape
     names = adapted_names(params)
@@ -358,9 +422,7 @@ def adapt_detached(
         with torch.enable_grad():
             leaves = {n: fast[n].clone().requires_grad_(True) for n in names}
             logits = forward_tasks({**fast, **leaves}, xs, model_cfg, step=s)
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="sum"
-            )
+            loss = task_loss(logits, ys, label_smoothing, reduction="sum")
             grads = torch.autograd.grad(loss / batch, [leaves[n] for n in names])
         fast = _sgd_step(fast, names, grads, lrs, s, lr)
 
@@ -397,13 +459,17 @@ def evaluate_tasks(
     bn: Literal["transductive", "support"] = "transductive",
     *,
     curve: bool = False,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Per-task query accuracy after ``steps`` test-time inner steps (``adapt_detached``),
     with the BatchNorm protocol ``bn`` (see ``query_logits``). Returns [T], or [T, steps + 1]
     with ``curve=True`` (accuracy after 0..steps updates).
     """
     accs = []
-    for s, fast in enumerate(adapt_detached(params, tasks.xs, tasks.ys, model_cfg, steps, lr)):
+    fasts = adapt_detached(
+        params, tasks.xs, tasks.ys, model_cfg, steps, lr, label_smoothing=label_smoothing
+    )
+    for s, fast in enumerate(fasts):
         if curve or s == steps:
             logits = query_logits(fast, tasks, model_cfg, s, bn)
             accs.append((logits.argmax(-1) == tasks.yq).to(logits.dtype).mean(dim=-1))

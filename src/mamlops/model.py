@@ -5,8 +5,10 @@ loop can build adapted copies (``theta - alpha * grad``) that stay in the autogr
 second-order MAML needs. Every function here is pure: no hidden state, no running statistics.
 
 BatchNorm follows the paper code: normalise with the statistics of the batch at hand
-(transductive), learnable scale and shift, no running averages. For serving one image at a time
-``forward`` also accepts frozen statistics (``bn_stats``), e.g. those of the support set.
+(transductive), no running averages; a learnable shift and, unless theta lacks ``bn{i}.weight``
+(the reference code's BatchNorm, ``MAMLConfig.bn_scale: false``), a learnable scale. For serving
+one image at a time ``forward`` also accepts frozen statistics (``bn_stats``), e.g. those of the
+support set.
 """
 
 from __future__ import annotations
@@ -68,23 +70,39 @@ class ConvNetConfig:
         return asdict(self)
 
 
-def init_params(cfg: ConvNetConfig, generator: torch.Generator | None = None) -> Params:
-    """Xavier-uniform convs/head with zero biases, BN scale 1 and shift 0 (as the paper code).
+def init_params(
+    cfg: ConvNetConfig,
+    generator: torch.Generator | None = None,
+    *,
+    bn_scale: bool = True,
+    head_init: str = "xavier",
+) -> Params:
+    """Xavier-uniform convs with BN scale 1 and shift 0, a Xavier-uniform head with zero bias.
 
     The conv bias is omitted on purpose: BatchNorm subtracts the batch mean right after, so its
-    true gradient is exactly zero and it would only cost compute.
+    true gradient is exactly zero and it would only cost compute. ``bn_scale=False`` leaves the
+    BN scale out (the reference code's BatchNorm learns a shift only); ``head_init="normal"``
+    draws the head from N(0, 1), as the reference code does for Omniglot (its miniImageNet head
+    is Xavier). Either way the generator is consumed in the same order, conv weights first.
     """
+    if head_init not in ("xavier", "normal"):
+        raise ValueError(f"unknown head_init {head_init!r}: expected 'xavier' or 'normal'")
     params: Params = {}
     c_in = cfg.in_channels
     for i in range(N_BLOCKS):
         w = torch.empty(cfg.hidden, c_in, 3, 3)
         _xavier_uniform(w, generator)
         params[f"conv{i}.weight"] = w
-        params[f"bn{i}.weight"] = torch.ones(cfg.hidden)
+        if bn_scale:
+            params[f"bn{i}.weight"] = torch.ones(cfg.hidden)
         params[f"bn{i}.bias"] = torch.zeros(cfg.hidden)
         c_in = cfg.hidden
     w = torch.empty(cfg.ways, cfg.feature_dim)
-    _xavier_uniform(w, generator)
+    if head_init == "normal":
+        with torch.no_grad():
+            w.normal_(0.0, 1.0, generator=generator)
+    else:
+        _xavier_uniform(w, generator)
     params["head.weight"] = w
     params["head.bias"] = torch.zeros(cfg.ways)
     return params
@@ -98,16 +116,19 @@ def _xavier_uniform(w: Tensor, generator: torch.Generator | None) -> None:
         w.uniform_(-bound, bound, generator=generator)
 
 
-def _bn_affine(params: Params, i: int, step: int, task_dim: bool) -> tuple[Tensor, Tensor]:
-    """BN scale and shift of block ``i``; with per-step BN (MAML++) pick the row of ``step``.
+def _bn_affine(params: Params, i: int, step: int, task_dim: bool) -> tuple[Tensor | None, Tensor]:
+    """BN scale (None when theta has none) and shift of block ``i``; with a step axis pick the
+    row of ``step``.
 
-    Per-step tensors carry an extra step axis ([S, C], or [T, S, C] per task); steps past the
-    last trained one (e.g. 10 test-time steps after 5 training steps) reuse the last row.
+    Per-step tensors carry an extra step axis ([S, C], or [T, S, C] per task): S = steps + 1
+    rows for MAML++'s per-step BN, one row for BN that is meta-learned but not adapted
+    (``adapt_bn: false``). Steps past the last row (e.g. 10 test-time steps after 5 training
+    steps) reuse the last row.
     """
-    w, b = params[f"bn{i}.weight"], params[f"bn{i}.bias"]
-    if w.dim() == (3 if task_dim else 2):
-        s = min(step, w.shape[-2] - 1)
-        w, b = w[..., s, :], b[..., s, :]
+    w, b = params.get(f"bn{i}.weight"), params[f"bn{i}.bias"]
+    if b.dim() == (3 if task_dim else 2):
+        s = min(step, b.shape[-2] - 1)
+        w, b = (None if w is None else w[..., s, :]), b[..., s, :]
     return w, b
 
 
@@ -125,21 +146,30 @@ def block(
     """One of the four blocks, the only place it is spelled: 3x3 conv (stride ``cfg.stride``,
     padding 1) -> BatchNorm -> ReLU (-> 2x2 max-pool).
 
-    ``bn`` is (scale, shift); without it the block has no BatchNorm (the exported net, whose BN
-    is folded into ``weight`` and ``bias``). BatchNorm uses the batch's own statistics unless
-    ``stats`` (mean, var) freezes them; ``record`` collects the statistics of this batch (then
-    used for the normalisation itself). ``groups`` > 1 runs several tasks' convs at once.
+    ``bn`` is (scale, shift), the scale possibly None (shift only); without ``bn`` the block has
+    no BatchNorm (the exported net, whose BN is folded into ``weight`` and ``bias``). BatchNorm
+    uses the batch's own statistics unless ``stats`` (mean, var) freezes them; ``record``
+    collects the statistics of this batch (then used for the normalisation itself).
+    ``groups`` > 1 runs several tasks' convs at once.
 
     F.batch_norm (fused, with exact double backward) rather than explicit mean/var ops: the same
     math (biased variance, eps inside the sqrt) at a fraction of the kernel launches.
     """
     h = F.conv2d(h, weight, bias, stride=cfg.stride, padding=1, groups=groups)
     if bn is not None:
+        if bn[0] is None:  # shift only; F.batch_norm's double backward needs a scale tensor
+            bn = (torch.ones_like(bn[1]), bn[1])
         if record is not None:
             stats = (h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), unbiased=False))
             record.append(stats)
         if stats is None:
             h = F.batch_norm(h, None, None, bn[0], bn[1], True, 0.0, BN_EPS)
+        elif stats[0].requires_grad or stats[1].requires_grad:
+            # statistics in the autograd graph (meta-training with support-set BN): written
+            # out, since F.batch_norm takes frozen statistics as constants
+            mean = stats[0][None, :, None, None]
+            scale = (bn[0] / torch.sqrt(stats[1] + BN_EPS))[None, :, None, None]
+            h = (h - mean) * scale + bn[1][None, :, None, None]
         else:
             h = F.batch_norm(h, stats[0], stats[1], bn[0], bn[1], False, 0.0, BN_EPS)
     h = F.relu(h)
@@ -161,7 +191,8 @@ def _blocks(
         scale, shift = _bn_affine(params, i, step, task_dim=tasks is not None)
         if tasks is not None:
             weight = weight.reshape(-1, *weight.shape[2:])
-            scale, shift = scale.reshape(-1), shift.reshape(-1)
+            scale = None if scale is None else scale.reshape(-1)
+            shift = shift.reshape(-1)
         stats = None if bn_stats is None else bn_stats[i]
         h = block(h, weight, cfg, bn=(scale, shift), stats=stats, record=record, groups=tasks or 1)
     return h
@@ -200,14 +231,17 @@ def forward_folded(weights: Params, x: Tensor, cfg: ConvNetConfig) -> Tensor:
     return _head(weights, h, cfg)
 
 
-def batch_stats(params: Params, x: Tensor, cfg: ConvNetConfig, *, step: int = 0) -> BNStats:
-    """Per-block BatchNorm (mean, var) of ``x`` as the network sees it, detached.
+def batch_stats(
+    params: Params, x: Tensor, cfg: ConvNetConfig, *, step: int = 0, detach: bool = True
+) -> BNStats:
+    """Per-block BatchNorm (mean, var) of ``x`` as the network sees it, detached unless
+    ``detach=False`` (meta-training through them, ``MAMLConfig.query_bn: support``).
 
     Freezing the support set's statistics gives the deployable protocol: an adapted classifier
     whose answer for one image does not depend on the rest of the batch.
     """
     stats: BNStats = []
-    with torch.no_grad():
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
         _blocks(params, x, cfg, None, step, record=stats)
     return stats
 
@@ -216,12 +250,15 @@ def per_step_bn(params: Params, steps: int) -> Params:
     """A copy of ``params`` whose BN scale/shift get one row per inner step 0..steps (MAML++).
 
     Step ``s`` of the inner loop (and the query pass after ``s`` updates) uses row ``s``, so the
-    network can rescale features as the adapted weights drift; rows start equal.
+    network can rescale features as the adapted weights drift; rows start equal. ``steps=0``
+    gives one row shared by every step: BN weights that the inner loop leaves alone (BN tensors
+    with a step axis are meta-learned only, ``maml.adapted_names``), as in the reference code.
     """
     out = dict(params)
     for i in range(N_BLOCKS):
         for name in (f"bn{i}.weight", f"bn{i}.bias"):
-            out[name] = params[name].unsqueeze(0).repeat(steps + 1, 1)
+            if name in params:
+                out[name] = params[name].unsqueeze(0).repeat(steps + 1, 1)
     return out
 
 
@@ -277,12 +314,15 @@ def forward_tasks(
     return logits + params["head.bias"][:, None, :]
 
 
-def batch_stats_tasks(params: Params, x: Tensor, cfg: ConvNetConfig, *, step: int = 0) -> BNStats:
-    """Per-task, per-block BN (mean, var) of ``x`` [T, B, ...], flattened to [T*C], detached.
+def batch_stats_tasks(
+    params: Params, x: Tensor, cfg: ConvNetConfig, *, step: int = 0, detach: bool = True
+) -> BNStats:
+    """Per-task, per-block BN (mean, var) of ``x`` [T, B, ...], flattened to [T*C], detached
+    unless ``detach=False``.
 
     The batched counterpart of ``batch_stats``, in the layout ``forward_tasks`` takes.
     """
     stats: BNStats = []
-    with torch.no_grad():
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
         _blocks(params, _fold(x), cfg, None, step, record=stats, tasks=x.shape[0])
     return stats

@@ -8,9 +8,11 @@ Prepared folder::
 
     images.npy      uint8 [1623, 20, 28, 28]  (Omniglot) / [100, 600, 84, 84, 3] (miniImageNet)
     classes.csv     row index of images.npy -> names (char_id,set,alphabet,character / ...)
-    splits.json     {scheme, rotations, seed, train, val, test}: class ids (see splits.py)
-    meta.json       dataset, image size, array shape
-    episodes/       {val,test}_<N>w<K>s.npz fixed evaluation episodes (see episodes.py)
+    splits/         <scheme>.json: {scheme, rotations, seed, train, val, test} class ids, one
+                    file per split scheme (prepare.omniglot.splits; see splits.py)
+    meta.json       dataset, image size, array shape, the split schemes (the default first)
+    episodes/       <scheme>/{val,test}[_alphabet]_<N>w<K>s.npz fixed evaluation episodes
+                    (see episodes.py)
 
 Everything is written into a temporary sibling folder that is renamed into place at the end, so
 an interrupted run never leaves a half-written folder that looks complete.
@@ -43,9 +45,11 @@ from mamlops.files import sweep_abandoned, work_dir
 from mamlops.preprocess import load_image
 from mamlops.splits import (
     SPLITS,
+    SPLITS_DIR,
     Character,
     make_miniimagenet_splits,
     make_omniglot_splits,
+    splits_path,
     write_splits,
 )
 
@@ -102,17 +106,30 @@ def _decode_all(jobs: list[tuple[list[str], str]], workers: int, out: np.ndarray
 
 def _write_common(
     tmp: Path,
-    splits: dict[str, Any],
+    schemes: list[dict[str, Any]],
     meta: dict[str, Any],
     settings: tuple[tuple[int, int], ...],
     episodes: EpisodeConfig,
+    alphabets: list[str] | None = None,
 ) -> None:
-    write_splits(tmp / "splits.json", splits)
+    """Every scheme's class ids and fixed episodes, and ``meta.json`` naming the schemes."""
+    (tmp / SPLITS_DIR).mkdir()
+    for splits in schemes:
+        write_splits(splits_path(tmp, splits["scheme"]), splits)
+    meta = {**meta, "splits": [splits["scheme"] for splits in schemes]}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     counts = {"val": episodes.val_count, "test": episodes.count}
-    write_episode_files(
-        tmp, splits, meta["images_per_class"], settings, episodes.query, counts, episodes.seed
-    )
+    for splits in schemes:
+        write_episode_files(
+            tmp,
+            splits,
+            meta["images_per_class"],
+            settings,
+            episodes.query,
+            counts,
+            episodes.seed,
+            alphabets,
+        )
 
 
 # --------------------------------------------------------------------------- Omniglot
@@ -153,7 +170,10 @@ def prepare_omniglot(
     """Decode, split and write episodes for Omniglot; returns a summary for printing/logging."""
     characters, files = list_omniglot(raw_dir)
     size = OMNIGLOT.image_size
-    splits = make_omniglot_splits(characters, cfg.split, cfg.split_seed, cfg.rotations)
+    schemes = [
+        make_omniglot_splits(characters, scheme, cfg.split_seed, cfg.rotations)
+        for scheme in cfg.splits
+    ]
     shape = (len(characters), OMNIGLOT.images_per_class, size, size)
     jobs = [([str(f) for f in fs], "omniglot") for fs in files]
     with staged_dir(out_dir) as tmp:
@@ -169,19 +189,29 @@ def prepare_omniglot(
             "images_per_class": OMNIGLOT.images_per_class,
             "shape": list(shape),
         }
-        _write_common(tmp, splits, meta, cfg.episodes.settings, cfg.episodes)
-    return _summary(out_dir, splits, meta)
+        alphabets = [c.alphabet for c in characters]
+        _write_common(tmp, schemes, meta, cfg.episodes.settings, cfg.episodes, alphabets)
+    return _summary(out_dir, schemes, meta)
 
 
-def _summary(out_dir: str | Path, splits: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+def _summary(
+    out_dir: str | Path, schemes: list[dict[str, Any]], meta: dict[str, Any]
+) -> dict[str, Any]:
+    episodes = Path(out_dir) / "episodes"
     return {
         "out_dir": str(out_dir),
         "dataset": meta["dataset"],
         "shape": meta["shape"],
-        "scheme": splits["scheme"],
-        "rotations": splits["rotations"],
-        "classes": {s: len(splits[s]) for s in SPLITS},
-        "episode_files": sorted(p.name for p in (Path(out_dir) / "episodes").glob("*.npz")),
+        "rotations": schemes[0]["rotations"],
+        "schemes": {
+            splits["scheme"]: {
+                "classes": {s: len(splits[s]) for s in SPLITS},
+                "episode_files": sorted(
+                    p.name for p in (episodes / splits["scheme"]).glob("*.npz")
+                ),
+            }
+            for splits in schemes
+        },
     }
 
 
@@ -255,8 +285,8 @@ def prepare_miniimagenet(
             "images_per_class": per_class,
             "shape": list(shape),
         }
-        _write_common(tmp, splits, meta, cfg.miniimagenet_settings, cfg.episodes)
-    return _summary(out_dir, splits, meta)
+        _write_common(tmp, [splits], meta, cfg.miniimagenet_settings, cfg.episodes)
+    return _summary(out_dir, [splits], meta)
 
 
 def prepare_stage(
@@ -273,11 +303,11 @@ def prepare_stage(
         summary = prepare_omniglot(source, out_dir, cfg)
     else:
         summary = prepare_miniimagenet(source, out_dir, cfg)
-    classes = ", ".join(f"{s} {n}" for s, n in summary["classes"].items())
     print(
         f"{summary['dataset']}: {summary['out_dir']} images {summary['shape']} in "
-        f"{time.perf_counter() - start:.1f} s; split {summary['scheme']} (rotations "
-        f"{str(summary['rotations']).lower()}): {classes} classes; episodes: "
-        f"{', '.join(summary['episode_files'])}"
+        f"{time.perf_counter() - start:.1f} s (rotations {str(summary['rotations']).lower()})"
     )
+    for scheme, info in summary["schemes"].items():
+        classes = ", ".join(f"{s} {n}" for s, n in info["classes"].items())
+        print(f"  split {scheme}: {classes} classes; episodes: {', '.join(info['episode_files'])}")
     return summary

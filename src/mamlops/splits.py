@@ -2,17 +2,28 @@
 
 Few-shot results are only comparable when everyone uses the same classes, so the default is the
 Vinyals et al. (2016) Omniglot split that most later work uses, read from the shipped files
-(``resources/splits/vinyals``). Two alternatives are selectable in ``prepare.omniglot.split``:
+(``resources/splits/vinyals``). ``prepare.omniglot.splits`` lists the schemes a prepared folder
+holds (the first is the default; a preset picks one with ``split``):
 
+* ``vinyals``: whole alphabets held out for testing (but Gurmukhi, split 41/4); every rotation of
+  a character is a class of its own, and an episode draws N of those classes, so a task may
+  hold one character twice, in two rotations (the protocol of the papers that use this split).
 * ``random``: the MAML paper code's scheme. Characters are shuffled by ``split_seed`` ignoring
-  alphabets: 1100 train / 100 val / 423 test. The paper code listed folders with ``os.listdir``
-  (file-system order), so its exact split cannot be reproduced; we shuffle the sorted characters
-  with numpy's ``default_rng(split_seed)``. Rotations apply as with Vinyals (the paper code also
-  rotates every class by a random multiple of 90 degrees, in all splits).
+  alphabets: 1100 train / 100 val / 423 test, so test characters come from alphabets seen in
+  training. The paper code listed folders with ``os.listdir`` (file-system order), so its exact
+  split cannot be reproduced; we shuffle the sorted characters with numpy's
+  ``default_rng(split_seed)``. Its episodes, like the paper code's tasks, take N distinct
+  characters, each at a random one of its four rotations.
 * ``official``: Lake et al.'s own division. ``images_evaluation`` (659 characters) is the test
   set; ``images_background`` (964) is training, minus a validation carve-out of whole alphabets
   (so validation measures transfer to unseen alphabets, as the test does): the background
   alphabets at sorted positions 5, 11, 17, 23, 29 (every sixth), 158 characters, leaving 806.
+  Episodes take distinct characters, as for ``random``.
+
+Each scheme's ``splits/<scheme>.json`` says whether its episodes draw distinct characters
+(``distinct_characters``); ``episodes.py`` also writes within-alphabet episodes (upright
+characters of one alphabet: what a user teaching one script faces) from the alphabet of each
+character (``classes.csv``).
 
 Class ids. With rotations (``prepare.omniglot.rotations``, default true), each character gives
 four classes, ``class_id = char_id * 4 + k`` for a rotation by ``k * 90`` degrees
@@ -32,6 +43,7 @@ import numpy as np
 from mamlops import datasets
 
 SPLITS = ("train", "val", "test")
+SPLITS_DIR = "splits"  # splits/<scheme>.json in a prepared folder
 # Characters per split for each scheme (datasets.py): known in advance, so config.py checks the
 # episode settings before any work and ``make_omniglot_splits`` checks it got them.
 CHARACTER_COUNTS = datasets.OMNIGLOT.split_sizes
@@ -138,14 +150,26 @@ def make_omniglot_splits(
     else:
         parts = _official(characters, rotations)
     _check(parts, expected)
-    return {"scheme": scheme, "rotations": rotations, "seed": seed, **parts}
+    return {
+        "scheme": scheme,
+        "rotations": rotations,
+        "seed": seed,
+        "distinct_characters": rotations and scheme in datasets.OMNIGLOT.distinct_character_schemes,
+        **parts,
+    }
 
 
 def make_miniimagenet_splits(counts: tuple[int, int, int] = MINIIMAGENET_COUNTS) -> dict[str, Any]:
     """Ravi split: classes are stored train, val, test in order, so the ids are ranges."""
     bounds = np.cumsum((0, *counts))
     parts = {s: list(range(bounds[i], bounds[i + 1])) for i, s in enumerate(SPLITS)}
-    return {"scheme": "ravi", "rotations": False, "seed": None, **parts}
+    return {
+        "scheme": "ravi",
+        "rotations": False,
+        "seed": None,
+        "distinct_characters": False,
+        **parts,
+    }
 
 
 def _check(parts: dict[str, list[int]], expected: dict[str, int]) -> None:
@@ -165,9 +189,39 @@ def write_splits(path: str | Path, splits: dict[str, Any]) -> None:
     Path(path).write_text("{\n" + body + "\n}\n")
 
 
-def read_splits(prepared_dir: str | Path) -> dict[str, Any]:
-    """The ``splits.json`` of a prepared folder."""
-    path = Path(prepared_dir) / "splits.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run the prepare stage first")
-    return json.loads(path.read_text())
+def prepared_schemes(prepared_dir: str | Path) -> list[str]:
+    """The split schemes a prepared folder holds, the default first (``meta.json``)."""
+    prepared_dir = Path(prepared_dir)
+    meta = prepared_dir / "meta.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} not found; run the prepare stage first")
+    schemes = json.loads(meta.read_text()).get("splits")
+    if not schemes:  # folders prepared before splits/<scheme>.json: one root splits.json
+        raise FileNotFoundError(
+            f"{prepared_dir} was prepared by an older mamlops (no {SPLITS_DIR}/); rerun the "
+            "prepare stage (dvc repro prepare, or mamlops prepare)"
+        )
+    return list(schemes)
+
+
+def resolve_scheme(prepared_dir: str | Path, scheme: str | None) -> str:
+    """``scheme``, checked to be in the prepared folder, or its default when None."""
+    schemes = prepared_schemes(prepared_dir)
+    if scheme is None:
+        return schemes[0]
+    if scheme not in schemes:
+        raise FileNotFoundError(
+            f"{prepared_dir} holds the splits {schemes}, not {scheme!r}: add {scheme} to "
+            "prepare.<dataset>.splits in params.yaml and rerun the prepare stage"
+        )
+    return scheme
+
+
+def splits_path(prepared_dir: str | Path, scheme: str) -> Path:
+    """Where one scheme's class ids live in a prepared folder."""
+    return Path(prepared_dir) / SPLITS_DIR / f"{scheme}.json"
+
+
+def read_splits(prepared_dir: str | Path, scheme: str | None = None) -> dict[str, Any]:
+    """The class ids of ``scheme`` (the folder's default scheme when None)."""
+    return json.loads(splits_path(prepared_dir, resolve_scheme(prepared_dir, scheme)).read_text())

@@ -30,11 +30,19 @@ from mamlops.checkpoint import (
     theta_file,
 )
 from mamlops.config import TrainConfig, hardware, resolve_device
-from mamlops.episodes import TaskSampler, episode_tasks, load_bank, load_episodes
+from mamlops.episodes import (
+    TaskSampler,
+    character_alphabets,
+    character_groups,
+    episode_tasks,
+    load_bank,
+    load_episodes,
+)
 from mamlops.errors import UserError
 from mamlops.figures import training_curves
 from mamlops.files import write_json, write_text
 from mamlops.model import ConvNetConfig, Params
+from mamlops.splits import resolve_scheme
 
 # the plotted columns: deterministic values only (tasks/s is a metric, not a curve), so the
 # same seed and params write the same files
@@ -82,7 +90,14 @@ def validate(
     for start in range(0, n, batch):
         tasks = episode_tasks(val_bank, episodes, start, min(start + batch, n)).to(device)
         accs.append(
-            maml.evaluate_tasks(params, tasks, model_cfg, cfg.test_inner_steps, cfg.inner_lr)
+            maml.evaluate_tasks(
+                params,
+                tasks,
+                model_cfg,
+                cfg.test_inner_steps,
+                cfg.inner_lr,
+                label_smoothing=cfg.maml.label_smoothing,
+            )
         )
     return float(torch.cat(accs).mean())
 
@@ -115,13 +130,26 @@ def train(
     device = resolve_device(cfg.device) if device is None else device
     part = world.shard(cfg.meta_batch)
     model_cfg, maml_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways), cfg.maml
-    train_bank = load_bank(prepared_dir, "train").to(device)
+    scheme = resolve_scheme(prepared_dir, cfg.split)
+    train_bank = load_bank(prepared_dir, "train", scheme).to(device)
     # tasks are drawn where the bank is: on CUDA no index tensor crosses to the GPU each step
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    sampler = TaskSampler(train_bank, cfg.ways, cfg.shots, cfg.query, generator=gen)
+    by_character = cfg.distinct_characters or cfg.alphabet_tasks
+    sampler = TaskSampler(
+        train_bank,
+        cfg.ways,
+        cfg.shots,
+        cfg.query,
+        generator=gen,
+        group=character_groups(prepared_dir, "train", scheme) if by_character else 1,
+        augment=cfg.augment,
+        alphabets=(
+            character_alphabets(prepared_dir, "train", scheme) if cfg.alphabet_tasks else None
+        ),
+    )
     if world.main:  # the only process that validates
-        val_bank = load_bank(prepared_dir, "val").to(device)
-        val_eps = load_episodes(prepared_dir, "val", cfg.ways, cfg.shots)
+        val_bank = load_bank(prepared_dir, "val", scheme).to(device)
+        val_eps = load_episodes(prepared_dir, "val", cfg.ways, cfg.shots, scheme)
 
     init_gen = torch.Generator().manual_seed(cfg.seed)
     params = {
