@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data/omniglot/images_background.zip),)
 export MAMLOPS_DATA_MIRROR ?= $(abspath ../shared/data/omniglot)
 endif
 
-.PHONY: install run test browser lint format bench report omniglot-rows paper-omniglot gpu-train time-to-accuracy plots screenshots mlflow-ui tracking-server tracking-server-check tracking-server-stop teach bench-teach
+.PHONY: install run test browser lint format bench report omniglot-rows ablations paper-omniglot gpu-train time-to-accuracy plots screenshots mlflow-ui tracking-server tracking-server-check tracking-server-stop teach bench-teach
 
 $(BIN)/mamlops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -115,6 +115,13 @@ TASKS ?= 16000
 time-to-accuracy: install
 	$(BIN)/python benchmarks/time_to_accuracy.py all \
 	  --setting $(SETTING) --tasks $(TASKS)
+
+# Accuracy ablations (benchmarks/ablations.yaml; docs/accuracy.md quotes their reports): each
+# recipe of STUDY trained and scored on the same 600 test episodes, one at a time, resumable;
+# the report in benchmarks/results/ablations/STUDY/report.md. fidelity-5w1s takes 2.5 h on 2 cores.
+STUDY ?= fidelity-5w1s
+ablations: install
+	$(BIN)/python benchmarks/ablations.py all $(STUDY)
 
 # On a rented GPU machine that has PyTorch but no venv (docs/performance.md, "GPU"): the float64
 # gradient check, the step variants timed, then PRESET trained for at most MINUTES of wall clock

@@ -241,7 +241,8 @@ def report(name: str, study: dict, out: Path) -> str:
         ):
             row.append(cell(r[part][protocol]))
             row.append("–" if r is base else diff(base[part][protocol], r[part][protocol], same))
-        row.append(f"{(r['train_seconds'] + r['eval_seconds']) / 60:.1f}" + ("" if r["val"] else " (scoring)"))
+        minutes = (r["train_seconds"] + r["eval_seconds"]) / 60
+        row.append(f"{minutes:.1f}" + ("" if r["val"] else " (scoring)"))
         lines.append("| " + " | ".join(row) + " |")
     alphabet = [r for r in results if r.get("alphabet") and r.get("val_alphabet")]
     if alphabet:

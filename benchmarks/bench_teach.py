@@ -38,21 +38,49 @@ from bench_serving import _rss_mib, mamlops_serve, percentiles
 
 from mamlops import preprocess
 from mamlops.adapt import MetaModel
+from mamlops.config import PrepareConfig, load_params
 from mamlops.files import read_safetensors, write_safetensors
 from mamlops.model import ConvNetConfig, init_params
+from mamlops.prepare import OMNIGLOT_SETS
+from mamlops.splits import Character, decode_class, make_omniglot_splits
 from mamlops.teach import TeachLimits, teach
 
 ROOT = Path(__file__).resolve().parent.parent
+MIRROR = Path(os.environ.get("MAMLOPS_DATA_MIRROR", ROOT.parent / "shared/data/omniglot"))
 
 
 def evaluation_characters() -> list[list[bytes]]:
-    """PNG bytes of every drawing of every character in Omniglot's evaluation alphabets."""
-    mirror = Path(os.environ.get("MAMLOPS_DATA_MIRROR", ROOT.parent / "shared/data/omniglot"))
-    with zipfile.ZipFile(mirror / "images_evaluation.zip") as zf:
+    """PNG bytes of every drawing of every character in Omniglot's evaluation alphabets (for
+    timings: a meta-model may have trained on some of them)."""
+    with zipfile.ZipFile(MIRROR / "images_evaluation.zip") as zf:
         by_char: dict[str, list[bytes]] = {}
         for name in sorted(n for n in zf.namelist() if n.endswith(".png")):
             by_char.setdefault(name.rsplit("/", 1)[0], []).append(zf.read(name))
     return list(by_char.values())
+
+
+def unseen_characters(meta: Path, params: Path = ROOT / "params.yaml") -> list[list[bytes]]:
+    """PNG bytes of the upright characters in the *test* split of the class split ``meta`` was
+    meta-trained on (its metadata; None: the first of ``prepare.omniglot.splits``): characters
+    it never saw, for accuracy claims. Omniglot's evaluation alphabets are not that set: 236 of
+    their 659 characters are in Vinyals' training and validation splits."""
+    _, metadata = read_safetensors(meta)
+    prep = PrepareConfig.from_params(load_params(params))
+    scheme = json.loads(metadata["train_config"]).get("split") or prep.splits[0]
+    zips = {s: zipfile.ZipFile(MIRROR / f"{folder}.zip") for s, folder in OMNIGLOT_SETS.items()}
+    files: dict[Character, list[str]] = {}
+    for set_name, zf in zips.items():
+        for name in sorted(n for n in zf.namelist() if n.endswith(".png")):
+            _, alphabet, character, _ = name.split("/")
+            files.setdefault(Character(set_name, alphabet, character), []).append(name)
+    characters = sorted(files)  # char_id order: set, alphabet, character
+    split = make_omniglot_splits(characters, scheme, prep.split_seed, prep.rotations)
+    ids, ks = decode_class(np.asarray(split["test"]), prep.rotations)
+    test = sorted({int(c) for c, k in zip(ids, ks, strict=True) if k == 0})
+    out = [[zips[characters[c].set].read(n) for n in files[characters[c]]] for c in test]
+    for zf in zips.values():
+        zf.close()
+    return out
 
 
 def cpu_name() -> str:

@@ -77,10 +77,11 @@ from mamlops.checkpoint import (
     theta_file,
 )
 from mamlops.config import TrainConfig, load_params
-from mamlops.episodes import TaskSampler, load_bank, load_episodes
+from mamlops.episodes import load_bank, load_episodes
 from mamlops.files import write_json, write_text
 from mamlops.model import ConvNetConfig
-from mamlops.train import validate
+from mamlops.splits import resolve_scheme
+from mamlops.train import training_sampler, validate
 
 VARIANTS = ("batched", "batched-graph", "batched-notf32", "batched-bf16", "loop")
 HISTORY_COLUMNS = ("step", "seconds", "tasks", "loss", "train_acc", "val_acc")
@@ -117,13 +118,14 @@ class Trainer:
         self.autocast = torch.autocast(
             device.type, torch.bfloat16, enabled=variant.endswith("bf16")
         )
-        bank = load_bank(prepared, "train").to(device)
+        scheme = resolve_scheme(prepared, cfg.split)
+        bank = load_bank(prepared, "train", scheme).to(device)
         # the default CUDA generator: graph capture tracks its offsets (a user generator would
         # have to be registered with the graph)
         gen = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else None
         gen = gen if gen is not None else torch.Generator()
         gen.manual_seed(cfg.seed)
-        self.sampler = TaskSampler(bank, cfg.ways, cfg.shots, cfg.query, generator=gen)
+        self.sampler = training_sampler(cfg, prepared, scheme, bank, gen)
         init = maml.init_meta_params(
             self.model_cfg, self.maml_cfg, torch.Generator().manual_seed(cfg.seed)
         )
@@ -245,8 +247,9 @@ def bench(args, cfg: TrainConfig) -> list[dict]:
 def train(args, cfg: TrainConfig, device: torch.device, out: Path) -> dict:
     """Train until the preset's iterations or the budget end; write theta, history, checkpoint."""
     trainer = Trainer(cfg, args.prepared, device, args.variant)
-    val_bank = load_bank(args.prepared, "val").to(device)
-    val_eps = load_episodes(args.prepared, "val", cfg.ways, cfg.shots)
+    scheme = resolve_scheme(args.prepared, cfg.split)
+    val_bank = load_bank(args.prepared, "val", scheme).to(device)
+    val_eps = load_episodes(args.prepared, "val", cfg.ways, cfg.shots, scheme)
     ckpt = out / "checkpoint.pt"
     start, best_val, best_step, history, offset = 0, -1.0, -1, [], 0.0
     state = load_checkpoint(ckpt)

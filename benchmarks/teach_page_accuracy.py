@@ -1,6 +1,7 @@
 """Does drawing on the page lose accuracy against uploading the same images? Measured.
 
-For each of ``--sets`` random 5-way tasks of Omniglot's evaluation alphabets, the teaching page
+For each of ``--sets`` random 5-way tasks of characters the meta-model never saw (the test split
+of the class split it was trained on, ``bench_teach.unseen_characters``), the teaching page
 (in headless Chromium, ``scripts/webdriver.py``) is used twice on ``mamlops serve --meta``:
 once uploading the scans (one support image per class, five held-out per class), once drawing
 the same images with the pointer on the pads (``webdriver.image_strokes``) and pressing "Add
@@ -18,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_teach import ROOT, evaluation_characters
+from bench_teach import ROOT, unseen_characters
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import webdriver  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     if webdriver.missing():
         raise SystemExit(webdriver.missing())
-    every = evaluation_characters()
+    every = unseen_characters(args.meta)  # characters the meta-model never saw
     port = webdriver.free_port()
     with tempfile.TemporaryDirectory() as tmp:
         serve = [sys.executable, "-m", "mamlops", "serve", "--meta", str(args.meta)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 
 import numpy as np
@@ -185,3 +186,23 @@ def test_k_query_protocol_scores_the_first_k_queries(theta, trained_theta, resul
     assert short["transductive"]["per_episode"] != result["transductive"]["per_episode"]
     with pytest.raises(ValueError, match="query must be"):
         evaluate_setting(theta, cfg, trained_theta.prepared, limit=2, query=10_000)
+
+
+def test_a_theta_is_scored_as_it_was_trained(trained_theta, capsys) -> None:
+    """A preset whose split or loss changed since its theta was trained (the paper presets
+    adopted the reference code's) must not score that theta on characters it trained on, nor
+    adapt it with another inner lr than it was meta-trained for."""
+    from mamlops.evaluate import on_trained_config
+
+    _, meta = load_theta(trained_theta.path)
+    cfg = trained_theta.cfg
+    changed = dataclasses.replace(
+        cfg,
+        split="random",
+        maml=dataclasses.replace(cfg.maml, inner_lr=0.38, label_smoothing=0.05),
+    )
+    scored = on_trained_config(changed, meta, trained_theta.path)
+    assert scored.split == meta["train_config"].get("split") == cfg.split
+    assert scored.maml.inner_lr == cfg.maml.inner_lr and scored.maml.label_smoothing == 0.0
+    assert "scored as it was trained" in capsys.readouterr().out
+    assert on_trained_config(cfg, meta, trained_theta.path) is cfg

@@ -16,6 +16,7 @@ sample std would be larger by sqrt(600/599), i.e. 0.08%.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -172,6 +173,34 @@ def predict_tasks(
     return maml.query_logits(fast, tasks, model_cfg, steps, bn).argmax(-1)
 
 
+def on_trained_config(cfg: TrainConfig, meta: dict[str, Any], theta_path: Path) -> TrainConfig:
+    """``cfg`` with what the theta was meta-trained with where it decides the score: the class
+    split (test classes are unseen only under that split; None, the prepared folder's default,
+    for thetas older than the key), the inner lr and the label smoothing of test-time
+    adaptation (as a served classifier adapts). They differ from the preset only for a theta
+    copied in from a run of a preset that has changed since (the paper presets adopted the
+    paper code's split and loss after their GPU runs); a retrained one has the preset's."""
+    trained = meta["train_config"]
+    want = {
+        "split": trained.get("split"),
+        "inner_lr": float(trained.get("inner_lr", cfg.maml.inner_lr)),
+        "label_smoothing": float(trained.get("label_smoothing", 0.0)),
+    }
+    have = {
+        "split": cfg.split,
+        "inner_lr": cfg.maml.inner_lr,
+        "label_smoothing": cfg.maml.label_smoothing,
+    }
+    if want == have:
+        return cfg
+    changed = ", ".join(f"{k} {want[k]} (preset: {have[k]})" for k in want if want[k] != have[k])
+    print(f"{theta_path}: meta-trained with {changed}: scored as it was trained")
+    maml_cfg = dataclasses.replace(
+        cfg.maml, inner_lr=want["inner_lr"], label_smoothing=want["label_smoothing"]
+    )
+    return dataclasses.replace(cfg, split=want["split"], maml=maml_cfg)
+
+
 def evaluate_stage(
     cfg: TrainConfig,
     ev: EvaluateConfig,
@@ -191,6 +220,7 @@ def evaluate_stage(
     the training run that wrote the theta. Returns the metrics."""
     theta_path = theta_file(model_dir, ev.checkpoint)
     theta, meta = load_theta(theta_path)
+    cfg = on_trained_config(cfg, meta, theta_path)
     device = resolve_device(cfg.device)
     parent = tracking.find_training_run(theta_path, ev.checkpoint)
     with tracking.start_run(
@@ -204,15 +234,16 @@ def evaluate_stage(
     ):
         tracking.log_dataset(Path(prepared_dir), cfg.dataset, "testing")
         t0 = time.perf_counter()
-        result = evaluate_setting(
+        score = functools.partial(
+            evaluate_setting,
             theta,
             cfg,
             prepared_dir,
             steps=ev.steps,
             batch=ev.batch,
             device=device,
-            within_alphabet=ev.within_alphabet,
         )
+        result = score(within_alphabet=ev.within_alphabet)
         metrics = {
             "acc_transductive": result["transductive"]["acc"],
             "ci95_transductive": result["transductive"]["ci95"],
@@ -224,16 +255,7 @@ def evaluate_stage(
         if ev.reference_query and cfg.shots < episodes.query.shape[-1]:
             # the MAML paper's protocol: K query images per class, so transductive BN sees a
             # batch the size of the training query (docs/accuracy.md); the final step only
-            k_query = evaluate_setting(
-                theta,
-                cfg,
-                prepared_dir,
-                steps=ev.steps,
-                batch=ev.batch,
-                device=device,
-                query=cfg.shots,
-                curve=False,
-            )["transductive"]
+            k_query = score(query=cfg.shots, curve=False)["transductive"]
             metrics["acc_k_query_transductive"] = k_query["acc"]
             metrics["ci95_k_query_transductive"] = k_query["ci95"]
         alphabet = result.get("alphabet")

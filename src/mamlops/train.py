@@ -102,6 +102,31 @@ def validate(
     return float(torch.cat(accs).mean())
 
 
+def training_sampler(
+    cfg: TrainConfig,
+    prepared_dir: Path,
+    scheme: str,
+    bank: torch.Tensor,
+    generator: torch.Generator,
+) -> TaskSampler:
+    """The training tasks ``cfg`` asks for, from ``bank`` (the ``train`` classes of ``scheme``):
+    one home for the task options (``distinct_characters``, ``alphabet_tasks``, ``augment``),
+    shared by ``train`` and the GPU runner."""
+    by_character = cfg.distinct_characters or cfg.alphabet_tasks
+    return TaskSampler(
+        bank,
+        cfg.ways,
+        cfg.shots,
+        cfg.query,
+        generator=generator,
+        group=character_groups(prepared_dir, "train", scheme) if by_character else 1,
+        augment=cfg.augment,
+        alphabets=(
+            character_alphabets(prepared_dir, "train", scheme) if cfg.alphabet_tasks else None
+        ),
+    )
+
+
 def train(
     cfg: TrainConfig,
     prepared_dir: Path,
@@ -134,19 +159,7 @@ def train(
     train_bank = load_bank(prepared_dir, "train", scheme).to(device)
     # tasks are drawn where the bank is: on CUDA no index tensor crosses to the GPU each step
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    by_character = cfg.distinct_characters or cfg.alphabet_tasks
-    sampler = TaskSampler(
-        train_bank,
-        cfg.ways,
-        cfg.shots,
-        cfg.query,
-        generator=gen,
-        group=character_groups(prepared_dir, "train", scheme) if by_character else 1,
-        augment=cfg.augment,
-        alphabets=(
-            character_alphabets(prepared_dir, "train", scheme) if cfg.alphabet_tasks else None
-        ),
-    )
+    sampler = training_sampler(cfg, prepared_dir, scheme, train_bank, gen)
     if world.main:  # the only process that validates
         val_bank = load_bank(prepared_dir, "val", scheme).to(device)
         val_eps = load_episodes(prepared_dir, "val", cfg.ways, cfg.shots, scheme)
