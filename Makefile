@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data/omniglot/images_background.zip),)
 export MAMLOPS_DATA_MIRROR ?= $(abspath ../shared/data/omniglot)
 endif
 
-.PHONY: install run test browser lint format bench report omniglot-rows ablations paper-omniglot gpu-train time-to-accuracy plots screenshots mlflow-ui tracking-server tracking-server-check tracking-server-stop teach bench-teach
+.PHONY: install run test browser lint format bench report omniglot-rows ablations paper-omniglot gpu-train gpu-slot-files time-to-accuracy plots screenshots mlflow-ui tracking-server tracking-server-check tracking-server-stop teach bench-teach
 
 $(BIN)/mamlops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -124,13 +124,21 @@ ablations: install
 	$(BIN)/python benchmarks/ablations.py all $(STUDY)
 
 # On a rented GPU machine that has PyTorch but no venv (docs/performance.md, "GPU"): the float64
-# gradient check, the step variants timed, then PRESET trained for at most MINUTES of wall clock
-# with the fastest fp32 variant, into gpu-run/PRESET/. `mamlops evaluate` scores it on a CPU.
+# graph-vs-eager gradient check, graph and eager timed, then PRESET trained by the library's loop
+# (the captured graph) for at most MINUTES of wall clock into gpu-run/PRESET/ and scored there;
+# the same command resumes it. gpu-slot-files makes what a lent slot carries for
+# benchmarks/gpu_slot.sh: the prepared data and pydantic's wheels for the GPU machine's Python.
 PRESET ?= paper-omniglot-5w1s
 MINUTES ?= 8.5
 gpu-train:
 	python3 benchmarks/gpu_train.py --preset $(PRESET) --minutes $(MINUTES) --out gpu-run/$(PRESET) \
-	  --variant auto --bench batched batched-graph
+	  --check --bench graph batched --evaluate
+GPU_PYTHON ?= 3.12
+gpu-slot-files: install
+	$(BIN)/dvc repro prepare
+	$(BIN)/pip download -q pydantic --only-binary=:all: --python-version $(GPU_PYTHON) \
+	  --platform manylinux2014_x86_64 -d gpu-wheels
+	du -sh data/prepared/omniglot gpu-wheels
 
 # The MAML paper's Omniglot configs (presets.yaml; 60,000 iterations each: for a GPU), as DVC
 # experiments named after them: `make paper-omniglot-5w1s` trains one, `make paper-omniglot`

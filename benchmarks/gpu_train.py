@@ -1,54 +1,48 @@
-"""Meta-train a paper preset on one CUDA GPU inside a fixed wall-clock budget.
+"""Meta-train a preset on one CUDA GPU inside a wall-clock budget, then score it there.
 
-For a short GPU rental: a machine with PyTorch (plus numpy, pyyaml, safetensors, pillow and
-matplotlib, as stock PyTorch images have, and pydantic for the params schema: the script says
-how to carry it if it is missing) but not this project's venv. Copy the repository with
-its prepared data (``data/prepared/omniglot``, 30 MB, from ``dvc repro prepare``), then::
+A thin runner of the library's own training loop (``mamlops.train.train``, which on CUDA
+replays the whole iteration as a CUDA graph: ``mamlops.graph_step``) for a machine with
+PyTorch (plus numpy, pyyaml, safetensors, pillow; pydantic carried as a wheel) but not this
+project's venv. Copy the repository with its prepared data (``data/prepared/omniglot``, from
+``dvc repro prepare``), then::
 
     python3 benchmarks/gpu_train.py --preset paper-omniglot-5w1s --minutes 8.5 --out gpu-run
 
-and bring ``gpu-run/`` back. Evaluation and export then run on the CPU from those files::
+and bring ``gpu-run/`` back. What it does, in order, all in ``gpu-run/summary.json``:
 
-    mkdir -p models/paper-omniglot-5w1s && cp gpu-run/theta*.safetensors models/paper-omniglot-5w1s/
-    .venv/bin/mamlops evaluate paper-omniglot-5w1s
+1. ``--check``: float64 meta-gradients on the device, the captured graph against the eager
+   iteration, for each recipe family (plain, first order, multi-step loss annealed, LSLR with
+   per-step BN, cosine meta-lr), at iterations on both sides of each schedule's boundaries.
+2. ``--bench STRATEGY...``: ms per iteration of each execution (``graph``, ``batched``,
+   ``loop``; ``-notf32``: fp32 convolutions, ``-bf16``: autocast), each in its own process.
+   ``--profile N``: the torch profiler over N iterations of ``--strategy``, its kernel table in
+   ``profile.txt``.
+3. Training with ``--strategy`` (``auto``: the graph on CUDA) until the preset's iterations or
+   the budget end, whichever is first. A run stopped by the budget keeps its checkpoint:
+   the same command with the folder brought back continues it (``--out`` is also the
+   checkpoint folder), and its history stays one.
+4. ``--evaluate``: the 600 fixed test episodes scored on the device with the best theta, both
+   BatchNorm protocols and the paper's K query images per class (``eval.json``): the numbers
+   ``mamlops evaluate`` gives on a CPU, within their confidence intervals.
 
-What it does, in order, all reported in ``gpu-run/summary.json`` and ``gpu-run/log.txt``:
-
-1. **Gradient check**: batched vs per-task-loop meta-gradients in float64 on the GPU (BatchNorm
-   on, second order, 1 and 2 inner steps), ``bench_meta_train.check_grad``.
-2. **Step variants** (``--bench``): ms per meta-training iteration of the preset for the batched
-   and the loop strategy, TF32 convolutions on and off, bf16 autocast, and the whole iteration
-   (sampling, meta-loss, backward, Adam) captured once as a CUDA graph and replayed. Each
-   variant runs in its own process, so a failed graph capture cannot poison the others.
-3. **Training** with ``--variant`` (default: batched eager, TF32 as PyTorch defaults) until the
-   preset's iterations or the budget run out, whichever comes first. Nothing reads a GPU value
-   between logging points: tasks are sampled on the GPU by a CUDA generator, losses stay on the
-   GPU and are copied once every ``--log-every`` iterations. A non-finite loss is therefore
-   noticed at the next logging point; the run then stops and keeps ``theta_best`` from the last
-   validation before it. Validation (the preset's ``val_episodes`` fixed episodes, its
-   ``test_inner_steps``) runs every ``val_every`` iterations and when the budget ends.
-
-Outputs: ``theta_best.safetensors`` and ``theta.safetensors`` (the project's theta format, the
-preset's train config in the metadata, so ``mamlops evaluate``/``export`` take them),
-``checkpoint.pt`` (the training state; its task-sampler state is a CUDA generator's, so it
-resumes with this script, not with ``mamlops train`` on a CPU), ``history.tsv`` (step, seconds,
-tasks seen, loss, train and val accuracy: time-to-accuracy) and ``summary.json``.
-
-Random draws differ from a CPU run of the same preset (a CUDA generator, other kernels): the
-same seed gives the same run on the same GPU and software, not the CPU's numbers.
+Outputs: ``theta_best.safetensors`` and ``theta.safetensors`` (the project's theta format,
+which ``mamlops evaluate``/``export`` take), ``checkpoint.pt``, ``history.tsv`` (step, loss,
+train and val accuracy, tasks/s), ``eval.json`` and ``summary.json``.
 """
 
 # ruff: noqa: E402  (sys.path is set before the project imports)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
+import functools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,270 +56,184 @@ try:
     import yaml  # noqa: F401
 except ModuleNotFoundError as exc:
     sys.exit(
-        f"gpu_train.py needs {exc.name}, which this machine lacks. Where pip can download: "
-        "pip download pydantic==2.14.4 pyyaml==6.0.4 -d wheels (on a machine of the same "
-        "Python and platform), carry wheels/ along, then pip install --no-index wheels/*.whl"
+        f"gpu_train.py needs {exc.name}, which this machine lacks. Where pip downloads: "
+        "pip download pydantic pyyaml -d wheels (same Python and platform), carry wheels/ along, "
+        "then: python3 -m pip install --no-index --find-links wheels --target /tmp/py pydantic "
+        "pyyaml, and run with PYTHONPATH=/tmp/py (a system Python refuses plain pip install)"
     )
 
 from mamlops import maml
-from mamlops.checkpoint import (
-    load_checkpoint,
-    resume_key,
-    resume_mismatch,
-    save_checkpoint,
-    save_theta,
-    theta_file,
-)
-from mamlops.config import TrainConfig, load_params
-from mamlops.episodes import load_bank, load_episodes
+from mamlops.checkpoint import load_theta, theta_file
+from mamlops.config import EvaluateConfig, TrainConfig, load_params
+from mamlops.episodes import TaskSampler
 from mamlops.files import write_json, write_text
 from mamlops.model import ConvNetConfig
-from mamlops.splits import resolve_scheme
-from mamlops.train import training_sampler, validate
+from mamlops.train import train
 
-VARIANTS = ("batched", "batched-graph", "batched-notf32", "batched-bf16", "loop")
-HISTORY_COLUMNS = ("step", "seconds", "tasks", "loss", "train_acc", "val_acc")
+HISTORY_COLUMNS = ("step", "loss", "train_acc", "val_acc", "tasks_per_s")
 
 
 def log(*parts: object) -> None:
     print(*parts, flush=True)
 
 
-class Trainer:
-    """theta, Adam and the task sampler of one preset on one device, and one iteration of it.
-
-    ``variant`` picks the execution: the maml strategy (``batched``/``loop``), ``-notf32``
-    (fp32 convolutions), ``-bf16`` (autocast), ``-graph`` (the whole iteration recorded once as
-    a CUDA graph and replayed: needs a config whose iteration does not change with the step
-    number, i.e. no cosine meta-lr, derivative-order annealing or multi-step-loss annealing).
-    """
-
-    def __init__(self, cfg: TrainConfig, prepared: Path, device: torch.device, variant: str):
-        if variant not in VARIANTS:
-            raise SystemExit(f"unknown --variant {variant!r}; choose from {', '.join(VARIANTS)}")
-        self.cfg, self.device, self.variant = cfg, device, variant
-        strategy = "loop" if variant == "loop" else "batched"
-        self.maml_cfg = maml.MAMLConfig(**{**cfg.maml.to_dict(), "strategy": strategy})
-        self.model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
-        torch.backends.cudnn.allow_tf32 = not variant.endswith("notf32")
-        self.graph = variant.endswith("graph")
-        if self.graph and (
-            cfg.cosine_meta_lr
-            or self.maml_cfg.first_order_iters
-            or (self.maml_cfg.multi_step_loss and self.maml_cfg.inner_steps > 1)
-        ):
-            raise SystemExit(f"{variant}: {cfg.name}'s iteration changes with the step number")
-        self.autocast = torch.autocast(
-            device.type, torch.bfloat16, enabled=variant.endswith("bf16")
-        )
-        scheme = resolve_scheme(prepared, cfg.split)
-        bank = load_bank(prepared, "train", scheme).to(device)
-        # the default CUDA generator: graph capture tracks its offsets (a user generator would
-        # have to be registered with the graph)
-        gen = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else None
-        gen = gen if gen is not None else torch.Generator()
-        gen.manual_seed(cfg.seed)
-        self.sampler = training_sampler(cfg, prepared, scheme, bank, gen)
-        init = maml.init_meta_params(
-            self.model_cfg, self.maml_cfg, torch.Generator().manual_seed(cfg.seed)
-        )
-        self.params = {k: v.to(device).requires_grad_(True) for k, v in init.items()}
-        self.opt = torch.optim.Adam(
-            self.params.values(), lr=cfg.meta_lr, capturable=self.graph, foreach=True
-        )
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._out: torch.Tensor | None = None
-
-    def _iteration(self, step: int) -> torch.Tensor:
-        """One meta-training iteration; returns [loss, query_acc] on the device (no sync)."""
-        cfg = self.cfg
-        if cfg.cosine_meta_lr:
-            for group in self.opt.param_groups:
-                group["lr"] = maml.cosine_meta_lr(step, cfg.iterations, cfg.meta_lr)
-        tasks = self.sampler.sample(cfg.meta_batch)
-        with self.autocast:
-            loss, m = maml.meta_loss(self.params, tasks, self.model_cfg, self.maml_cfg, step=step)
-        self.opt.zero_grad(set_to_none=not self.graph)
-        loss.backward()
-        if cfg.grad_clip:
-            maml.clip_meta_grad(self.params, cfg.grad_clip)
-        self.opt.step()
-        return torch.stack((m["loss"].float(), m["query_acc"].float()))
-
-    def step(self, step: int) -> torch.Tensor:
-        if not self.graph:
-            return self._iteration(step)
-        if self._graph is None:  # warm up on a side stream (3 real iterations), then capture
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    out = self._iteration(step)
-            torch.cuda.current_stream().wait_stream(side)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._out = self._iteration(step)
-            return out
-        self._graph.replay()
-        return self._out.clone()
-
-    def state(self, key: dict, step: int, best_val: float, best_step: int, history: list) -> dict:
-        return {
-            "key": key,
-            "params": {k: v.detach().cpu() for k, v in self.params.items()},
-            "optimizer": self.opt.state_dict(),
-            "sampler_rng": self.sampler.generator.get_state(),
-            "step": step,
-            "best_val": best_val,
-            "best_step": best_step,
-            "history": history,
-            "variant": self.variant,
-        }
+def write_history(history: list[dict], path: Path) -> None:
+    """Every logged row, a blank where a row has no value (validation is every val_every)."""
+    cell = lambda row, c: "" if row.get(c) is None else f"{row[c]:.6g}"  # noqa: E731
+    lines = ["\t".join(HISTORY_COLUMNS)]
+    lines += ["\t".join(cell(row, c) for c in HISTORY_COLUMNS) for row in history]
+    write_text(path, "\n".join(lines) + "\n")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def with_strategy(cfg: TrainConfig, name: str) -> TrainConfig:
+    """``cfg`` run as ``name``: a strategy, optionally ``-notf32`` or ``-bf16``."""
+    strategy, _, flag = name.partition("-")
+    torch.backends.cudnn.allow_tf32 = flag != "notf32"
+    maml_cfg = dataclasses.replace(cfg.maml, strategy=strategy)
+    return dataclasses.replace(cfg, maml=maml_cfg, amp_bf16=flag == "bf16")
 
 
-def time_variant(
-    cfg: TrainConfig, prepared: Path, device: torch.device, variant: str, iters: int
+def time_strategy(
+    cfg: TrainConfig, prepared: Path, device: torch.device, iters: int, warmup: int
 ) -> dict:
-    """ms per iteration of ``variant`` over ``iters`` timed iterations after 10 warm-up ones."""
-    trainer = Trainer(cfg, prepared, device, variant)
-    for i in range(10):
-        trainer.step(i)
-    sync(device)
-    t0 = time.perf_counter()
-    for i in range(iters):
-        out = trainer.step(10 + i)
-    sync(device)
-    ms = 1000 * (time.perf_counter() - t0) / iters
+    """ms per iteration over ``iters`` iterations after ``warmup`` (warm-up and capture), from
+    the library loop's own tasks/s windows of ``warmup // 2`` iterations (each ends in a sync)."""
+    windows: list[float] = []
+    window = max(warmup // 2, 1)
+    cfg = dataclasses.replace(cfg, val_every=10**9, checkpoint_every=0, log_every=window)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(
+            cfg, prepared, Path(tmp), Path(tmp), progress=False, stop_after=warmup + iters,
+            device=device, on_metrics=lambda row, step: windows.append(row["tasks_per_s"]),
+        )  # fmt: skip
+    rate = statistics.median(windows[2:] or windows)
+    ms = 1000 * cfg.meta_batch / rate
     return {
-        "variant": variant,
+        "execution": result.strategy,
         "ms_per_iter": round(ms, 3),
-        "tasks_per_s": round(1000 * cfg.meta_batch / ms, 1),
-        "paper_run_minutes": round(cfg.iterations * ms / 60000, 2),
-        "last_loss": float(out[0]),
+        "tasks_per_s": round(rate, 1),
+        "full_run_minutes": round(cfg.iterations * ms / 60000, 2),
     }
 
 
 def bench(args, cfg: TrainConfig) -> list[dict]:
-    """Each variant in its own process (a failed CUDA-graph capture leaves no trace here)."""
+    """Each execution in its own process (a failed capture leaves no trace in the next)."""
     rows = []
-    for variant in args.bench:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--preset",
-            args.preset,
-            "--prepared",
-            str(args.prepared),
-            "--params",
-            str(args.params),
-            "--device",
-            args.device,
-            "--time-variant",
-            variant,
-            "--bench-iters",
-            str(args.bench_iters),
-        ]
+    for name in args.bench:
+        cmd = [sys.executable, __file__, "--preset", cfg.name, "--params", str(args.params)]
+        cmd += ["--prepared", str(args.prepared), "--device", args.device]
+        cmd += ["--time-strategy", name, "--bench-iters", str(args.bench_iters)]
+        cmd += ["--warmup", str(args.warmup)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode == 0 and lines:
-            row = json.loads(lines[-1])
+            row = {"strategy": name, **json.loads(lines[-1])}
         else:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            row = {"variant": variant, "error": " | ".join(tail)}
+            row = {"strategy": name, "error": " | ".join(tail)}
         row["process_seconds"] = round(time.perf_counter() - t0, 1)
         log(f"bench {cfg.name} {json.dumps(row)}")
         rows.append(row)
     return rows
 
 
-def train(args, cfg: TrainConfig, device: torch.device, out: Path) -> dict:
-    """Train until the preset's iterations or the budget end; write theta, history, checkpoint."""
-    trainer = Trainer(cfg, args.prepared, device, args.variant)
-    scheme = resolve_scheme(args.prepared, cfg.split)
-    val_bank = load_bank(args.prepared, "val", scheme).to(device)
-    val_eps = load_episodes(args.prepared, "val", cfg.ways, cfg.shots, scheme)
-    ckpt = out / "checkpoint.pt"
-    start, best_val, best_step, history, offset = 0, -1.0, -1, [], 0.0
-    state = load_checkpoint(ckpt)
-    key = resume_key(cfg, args.prepared, device.type)
-    if state is not None and resume_mismatch(state, key) is None:
-        with torch.no_grad():
-            for k, v in state["params"].items():
-                trainer.params[k].copy_(v)
-        trainer.opt.load_state_dict(state["optimizer"])
-        trainer.sampler.generator.set_state(state["sampler_rng"])
-        start, best_val, best_step = state["step"], state["best_val"], state["best_step"]
-        history = state["history"]
-        offset = history[-1]["seconds"] if history else 0.0
-        log(f"resuming {ckpt} at iteration {start}")
-    budget = args.minutes * 60
-    pending: list[torch.Tensor] = []
+CHECK_RECIPES = {  # the recipe families whose iteration differs, on a small 5-way 1-shot task
+    "plain": {},
+    "first-order": {"first_order": True},
+    "order-annealed": {"first_order_iters": 3},
+    "msl-annealed": {"inner_steps": 3, "multi_step_loss": True, "multi_step_anneal_iters": 4},
+    "lslr-per-step-bn": {"inner_steps": 2, "learn_inner_lr": True, "per_step_bn": True},
+}
+CHECK_ITERATIONS = (0, 2, 3, 5)  # across the boundaries of the annealings above
+
+
+def check_graph(device: torch.device) -> dict:
+    """Max relative difference of float64 meta-gradients, graph replay vs eager, per recipe.
+
+    The graph holds the meta-loss and its gradient with the step a device tensor (the
+    multi-step weights computed inside it); eager computes them from the Python step. Adam's
+    tensor lr under the cosine schedule is checked against ``maml.cosine_meta_lr`` too."""
+    out = {}
+    model_cfg = ConvNetConfig.for_dataset("omniglot", 5)
+    bank = torch.rand(40, 20, 1, 28, 28, dtype=torch.float64, device=device)
+    for name, keys in CHECK_RECIPES.items():
+        mcfg = maml.MAMLConfig(**{**maml.MAMLConfig().to_dict(), **keys, "strategy": "batched"})
+        params = {
+            k: v.to(device, torch.float64).requires_grad_(True)
+            for k, v in maml.init_meta_params(model_cfg, mcfg, torch.Generator().manual_seed(0))
+            .items()
+        }  # fmt: skip
+        gen = torch.Generator(device=device).manual_seed(0)
+        tasks = TaskSampler(bank, 5, 1, 3, generator=gen).sample(4)
+        step_t = torch.zeros((), dtype=torch.float64, device=device)
+        worst = 0.0
+        graphs: dict[bool, tuple] = {}
+        for it in CHECK_ITERATIONS:
+            fo = maml.use_first_order(mcfg, it)
+            loss, _ = maml.meta_loss(params, tasks, model_cfg, mcfg, step=it)
+            eager = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            if fo not in graphs:
+                graph, warm = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+                warm.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(warm):
+                    loss, _ = maml.meta_loss(params, tasks, model_cfg, mcfg, step_t, fo)
+                    torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                torch.cuda.current_stream().wait_stream(warm)
+                with torch.cuda.graph(graph):
+                    loss, _ = maml.meta_loss(params, tasks, model_cfg, mcfg, step_t, fo)
+                    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                graphs[fo] = (graph, grads)
+            graph, grads = graphs[fo]
+            step_t.fill_(it)
+            graph.replay()
+            for e, g in zip(eager, grads, strict=True):
+                if e is None:
+                    continue
+                worst = max(worst, float((e - g).abs().max() / e.abs().max().clamp_min(1e-30)))
+        out[name] = worst
+    steps = torch.arange(0, 1001, 50, dtype=torch.float32, device=device)
+    lr_t = maml.cosine_meta_lr(steps, 1000, 1e-3)
+    lr_f = torch.tensor([maml.cosine_meta_lr(int(s), 1000, 1e-3) for s in steps.tolist()])
+    out["cosine_lr"] = float((lr_t.cpu().double() - lr_f.double()).abs().max() / 1e-3)
+    out["pass"] = all(v < 1e-9 for k, v in out.items() if k != "cosine_lr") and (
+        out["cosine_lr"] < 1e-6
+    )
+    return out
+
+
+def profile(cfg: TrainConfig, prepared: Path, device: torch.device, iters: int, warmup: int) -> str:
+    """The profiler's table (by device time) over ``iters`` iterations, after ``warmup`` unprofiled
+    ones (a first call that checkpoints; the profiled one resumes from it). Under ``graph``
+    the profiled call captures again (3 warm-up iterations and the capture are in the table);
+    ``--strategy batched`` shows the same kernels one by one."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cfg = dataclasses.replace(cfg, val_every=10**9, checkpoint_every=0, log_every=10**9)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = functools.partial(train, cfg, prepared, Path(tmp), Path(tmp), progress=False,
+                                device=device)  # fmt: skip
+        run(stop_after=warmup)
+        with torch_profile(activities=activities) as prof:
+            run(stop_after=warmup + iters)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=40)
+
+
+def evaluate_on_device(
+    cfg: TrainConfig, prepared: Path, out: Path, device, limit: int | None
+) -> dict:
+    """The evaluate stage's numbers (``evaluate.test_metrics``) for the best theta, here."""
+    from mamlops.evaluate import on_trained_config, test_metrics
+
+    path = theta_file(out, "best")
+    theta, meta = load_theta(path)
+    cfg = on_trained_config(cfg, meta, path)
     t0 = time.perf_counter()
-    done, stop_reason = start, "iterations"
-    for step in range(start, cfg.iterations):
-        pending.append(trainer.step(step))
-        done = step + 1
-        last = done == cfg.iterations
-        if done % args.log_every and not last:
-            continue
-        values = torch.stack(pending).cpu()  # the one sync per logging interval
-        pending.clear()
-        elapsed = time.perf_counter() - t0
-        over = elapsed > budget
-        row = {
-            "step": done,
-            "seconds": round(offset + elapsed, 3),
-            "tasks": done * cfg.meta_batch,
-            "loss": float(values[:, 0].mean()),
-            "train_acc": float(values[:, 1].mean()),
-        }
-        if not torch.isfinite(values).all():
-            stop_reason = f"non-finite loss before iteration {done}"
-            history.append(row)
-            break
-        if done % cfg.val_every == 0 or last or over:
-            row["val_acc"] = validate(trainer.params, cfg, val_bank, val_eps, device)
-            if row["val_acc"] > best_val:
-                best_val, best_step = row["val_acc"], done
-                save_theta(trainer.params, theta_file(out, "best"), cfg, done)
-            save_checkpoint(ckpt, trainer.state(key, done, best_val, best_step, history + [row]))
-            log(
-                f"{cfg.name} {done}/{cfg.iterations} {row['seconds']:.0f}s loss {row['loss']:.4f}"
-                f" train {row['train_acc']:.4f} val {row['val_acc']:.4f}"
-            )
-        history.append(row)
-        if over and not last:
-            stop_reason = f"budget of {args.minutes} min"
-            break
-    seconds = time.perf_counter() - t0
-    if not stop_reason.startswith("non-finite"):
-        save_theta(trainer.params, theta_file(out, "final"), cfg, done)
-    lines = ["\t".join(HISTORY_COLUMNS)]
-    for row in history:
-        lines.append(
-            "\t".join("" if row.get(c) is None else f"{row[c]:.6g}" for c in HISTORY_COLUMNS)
-        )
-    write_text(out / "history.tsv", "\n".join(lines) + "\n")
-    trained = done - start
-    return {
-        "variant": args.variant,
-        "iterations_done": done,
-        "iterations_planned": cfg.iterations,
-        "resumed_from": start,
-        "stopped_by": stop_reason,
-        "train_seconds": round(seconds, 1),
-        "tasks_per_s": round(trained * cfg.meta_batch / max(seconds, 1e-9), 1),
-        "ms_per_iter_incl_validation": round(1000 * seconds / max(trained, 1), 3),
-        "best_val_acc": best_val,
-        "best_step": best_step,
-        "full_run_minutes_at_this_rate": round(cfg.iterations * seconds / max(trained, 1) / 60, 1),
-    }
+    metrics, result = test_metrics(theta, cfg, EvaluateConfig(), prepared, device, limit)
+    return {**metrics, "episodes": result["n"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def environment(device: torch.device) -> dict:
@@ -334,16 +242,10 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor(),
-        "tf32_conv_default": torch.backends.cudnn.allow_tf32,
-        "tf32_matmul_default": torch.backends.cuda.matmul.allow_tf32,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
-    with contextlib.suppress(Exception):
-        env["git"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True)
+    env["git"] = git.stdout.decode().strip()
     return env
 
 
@@ -355,46 +257,30 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("gpu-run"))
     ap.add_argument("--minutes", type=float, default=8.5, help="training budget (wall clock)")
     ap.add_argument("--iterations", type=int, default=None, help="override the preset's")
-    ap.add_argument(
-        "--variant",
-        default="batched",
-        choices=("auto", *VARIANTS),
-        help="auto: the fastest fp32 variant of --bench (bf16 is not validated)",
-    )
-    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=None, help="override the preset's")
+    ap.add_argument("--log-every", type=int, default=100, help="iterations between host syncs")
+    ap.add_argument("--strategy", default="auto", help="auto, graph, batched or loop")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument(
-        "--bench",
-        nargs="*",
-        default=[],
-        metavar="VARIANT",
-        help="step variants to time first (each in its own process)",
-    )
-    ap.add_argument(
-        "--bench-presets",
-        nargs="*",
-        default=[],
-        help="other presets to time with the batched variant",
-    )
+    ap.add_argument("--check", action="store_true", help="graph vs eager float64 gradients")
+    ap.add_argument("--bench", nargs="*", default=[], metavar="STRATEGY")
     ap.add_argument("--bench-iters", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=20, help="iterations before timing/profiling")
     ap.add_argument("--variant-timeout", type=float, default=120)
-    ap.add_argument("--no-grad-check", action="store_true")
-    ap.add_argument("--time-variant", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", type=int, default=0, metavar="N")
+    ap.add_argument("--evaluate", action="store_true", help="score the test episodes here")
+    ap.add_argument("--eval-limit", type=int, default=None, help="the first N episodes only")
+    ap.add_argument("--time-strategy", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    params = load_params(args.params)
-    cfg = TrainConfig.from_params(params, args.preset)
-    if args.iterations:
-        cfg = dataclasses.replace(cfg, iterations=args.iterations)
+    cfg = TrainConfig.from_params(load_params(args.params), args.preset)
+    overrides = {"iterations": args.iterations, "seed": args.seed, "log_every": args.log_every}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     args.prepared = args.prepared or ROOT / "data" / "prepared" / cfg.dataset
     device = torch.device(args.device)
-    if args.time_variant:  # the child process of `bench`
-        print(
-            json.dumps(
-                time_variant(cfg, args.prepared, device, args.time_variant, args.bench_iters)
-            ),
-            flush=True,
-        )
+    if args.time_strategy:  # the child process of `bench`
+        timed = time_strategy(with_strategy(cfg, args.time_strategy), args.prepared, device,
+                              args.bench_iters, args.warmup)  # fmt: skip
+        print(json.dumps(timed), flush=True)
         return
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here; use --device cpu only to smoke-test the script")
@@ -402,29 +288,44 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"preset": cfg.name, "config": cfg.to_dict(), "env": environment(device)}
     log(json.dumps(summary["env"]))
-    if not args.no_grad_check:
-        from bench_meta_train import check_grad
-
-        t0 = time.perf_counter()
-        summary["grad_check_float64_pass"] = bool(check_grad(args.device))
-        summary["grad_check_seconds"] = round(time.perf_counter() - t0, 1)
+    if args.check and device.type == "cuda":
+        summary["graph_check_float64"] = check_graph(device)
+        log(f"graph check {json.dumps(summary['graph_check_float64'])}")
     if args.bench:
         summary["bench"] = bench(args, cfg)
-    if args.variant == "auto":
-        timed = [
-            r for r in summary.get("bench", []) if "error" not in r and "bf16" not in r["variant"]
-        ]
-        args.variant = min(timed, key=lambda r: r["ms_per_iter"])["variant"] if timed else "batched"
-        log(f"--variant auto: {args.variant}")
-    for name in args.bench_presets:
-        other = TrainConfig.from_params(params, name)
-        sub = argparse.Namespace(**{**vars(args), "preset": name, "bench": ["batched"]})
-        summary.setdefault("bench_presets", []).extend(bench(sub, other))
+    cfg = with_strategy(cfg, args.strategy)
+    if args.profile:
+        table = profile(cfg, args.prepared, device, args.profile, args.warmup)
+        write_text(out / "profile.txt", table)
     if args.minutes > 0:
-        summary["train"] = train(args, cfg, device, out)
+        t0 = time.perf_counter()
+        result = train(cfg, args.prepared, out, out, progress=False, device=device,
+                       budget_s=60 * args.minutes)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        write_history(result.history, out / "history.tsv")
+        summary["train"] = {
+            "execution": result.strategy,
+            "iterations_done": result.step,
+            "iterations_planned": cfg.iterations,
+            "resumed_from": result.resumed_from,
+            "stopped_by": "iterations"
+            if result.step == cfg.iterations
+            else f"budget of {args.minutes} min",
+            "seconds_this_call": round(seconds, 1),
+            "train_seconds_all_calls": round(result.seconds, 1),
+            "ms_per_iter_incl_validation": round(
+                1000 * seconds / max(result.step - result.resumed_from, 1), 3
+            ),
+            "best_val_acc": result.best_val_acc,
+            "best_step": result.best_step,
+        }
         log(json.dumps(summary["train"]))
+    if args.evaluate and theta_file(out, "best").exists():
+        summary["eval"] = evaluate_on_device(cfg, args.prepared, out, device, args.eval_limit)
+        write_json(out / "eval.json", summary["eval"])
+        log(f"eval {json.dumps(summary['eval'])}")
     write_json(out / "summary.json", summary)
-    sys.exit(0 if summary.get("grad_check_float64_pass", True) else 1)
+    sys.exit(0 if summary.get("graph_check_float64", {}).get("pass", True) else 1)
 
 
 if __name__ == "__main__":

@@ -278,7 +278,7 @@ def test_auto_strategy_rule():
     assert resolve_strategy("auto", "cuda", omni, 80) == "batched"
     assert resolve_strategy("loop", "cuda", omni, 10) == "loop"
     assert resolve_strategy("batched", "cpu", omni, 80) == "batched"
-    with pytest.raises(ValueError, match="'loop' or 'batched'"):
+    with pytest.raises(ValueError, match="'batched' or 'graph'"):
         resolve_strategy("vmap", "cpu")  # type: ignore[arg-type]
 
 

@@ -44,6 +44,7 @@ TRAINING_CODE = (
     "datasets.py",
     "distributed.py",
     "episodes.py",
+    "graph_step.py",
     "maml.py",
     "model.py",
     "preprocess.py",

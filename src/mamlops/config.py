@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 PARAMS_FILE = Path("params.yaml")
 PRESETS_FILE = "presets.yaml"  # beside the params file: the training presets, by setting name
-Strategy = Literal["auto", "loop", "batched"]
+Strategy = Literal["auto", "loop", "batched", "graph"]
 QueryBN = Literal["transductive", "support"]
 HeadInit = Literal["xavier", "normal"]  # the output layer's init: Xavier, or the reference's N(0,1)
 Augment = Literal["none", "affine"]  # training images as drawn, or small random affine warps

@@ -201,6 +201,51 @@ def on_trained_config(cfg: TrainConfig, meta: dict[str, Any], theta_path: Path) 
     return dataclasses.replace(cfg, split=want["split"], maml=maml_cfg)
 
 
+def test_metrics(
+    theta: Params,
+    cfg: TrainConfig,
+    ev: EvaluateConfig,
+    prepared_dir: str | Path,
+    device: str | torch.device | None = None,
+    limit: int | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The numbers the evaluate stage records for ``theta`` (pure compute, any device: the GPU
+    runner scores in its slot with it): accuracy and 95% CI for both BatchNorm protocols, the
+    paper's K query images per class (``ev.reference_query``), within one alphabet
+    (``ev.within_alphabet``); and ``evaluate_setting``'s full result of the standard episodes.
+    ``limit``: the first episodes only (smoke runs)."""
+    score = functools.partial(
+        evaluate_setting,
+        theta,
+        cfg,
+        prepared_dir,
+        steps=ev.steps,
+        batch=ev.batch,
+        device=device,
+        limit=limit,
+    )
+    result = score(within_alphabet=ev.within_alphabet)
+    metrics = {
+        "acc_transductive": result["transductive"]["acc"],
+        "ci95_transductive": result["transductive"]["ci95"],
+        "acc_support": result["support"]["acc"],
+        "ci95_support": result["support"]["ci95"],
+    }
+    episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots, result["split"])
+    if ev.reference_query and cfg.shots < episodes.query.shape[-1]:
+        # the MAML paper's protocol: K query images per class, so transductive BN sees a
+        # batch the size of the training query (docs/accuracy.md); the final step only
+        k_query = score(query=cfg.shots, curve=False)["transductive"]
+        metrics["acc_k_query_transductive"] = k_query["acc"]
+        metrics["ci95_k_query_transductive"] = k_query["ci95"]
+    alphabet = result.get("alphabet")
+    if alphabet is not None:  # tasks of one script: what a user teaching a script faces
+        for protocol in PROTOCOLS:
+            metrics[f"acc_alphabet_{protocol}"] = alphabet[protocol]["acc"]
+            metrics[f"ci95_alphabet_{protocol}"] = alphabet[protocol]["ci95"]
+    return metrics, result
+
+
 def evaluate_stage(
     cfg: TrainConfig,
     ev: EvaluateConfig,
@@ -234,35 +279,9 @@ def evaluate_stage(
     ):
         tracking.log_dataset(Path(prepared_dir), cfg.dataset, "testing")
         t0 = time.perf_counter()
-        score = functools.partial(
-            evaluate_setting,
-            theta,
-            cfg,
-            prepared_dir,
-            steps=ev.steps,
-            batch=ev.batch,
-            device=device,
-        )
-        result = score(within_alphabet=ev.within_alphabet)
-        metrics = {
-            "acc_transductive": result["transductive"]["acc"],
-            "ci95_transductive": result["transductive"]["ci95"],
-            "acc_support": result["support"]["acc"],
-            "ci95_support": result["support"]["ci95"],
-        }
-        episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots, result["split"])
-        k_query = None
-        if ev.reference_query and cfg.shots < episodes.query.shape[-1]:
-            # the MAML paper's protocol: K query images per class, so transductive BN sees a
-            # batch the size of the training query (docs/accuracy.md); the final step only
-            k_query = score(query=cfg.shots, curve=False)["transductive"]
-            metrics["acc_k_query_transductive"] = k_query["acc"]
-            metrics["ci95_k_query_transductive"] = k_query["ci95"]
+        metrics, result = test_metrics(theta, cfg, ev, prepared_dir, device)
         alphabet = result.get("alphabet")
-        if alphabet is not None:  # tasks of one script: what a user teaching a script faces
-            for protocol in PROTOCOLS:
-                metrics[f"acc_alphabet_{protocol}"] = alphabet[protocol]["acc"]
-                metrics[f"ci95_alphabet_{protocol}"] = alphabet[protocol]["ci95"]
+        episodes = load_episodes(prepared_dir, "test", cfg.ways, cfg.shots, result["split"])
         results = {
             "setting": cfg.name,
             "dataset": cfg.dataset,
@@ -320,9 +339,10 @@ def evaluate_stage(
         f"episodes of split {result['split']}, {result['steps']} steps"
         + ("" if parent else " (training run not in this MLflow store: logged on its own)")
     )
-    if k_query is not None:
+    if "acc_k_query_transductive" in metrics:
+        acc, ci = metrics["acc_k_query_transductive"], metrics["ci95_k_query_transductive"]
         print(
-            f"{cfg.name}: {100 * k_query['acc']:.2f} +- {100 * k_query['ci95']:.2f}% "
+            f"{cfg.name}: {100 * acc:.2f} +- {100 * ci:.2f}% "
             f"(transductive BN) with {cfg.shots} query image(s) per class, as the MAML paper "
             "scores"
         )

@@ -242,16 +242,28 @@ def adapt_tasks(
     return history if keep_all else [fast]
 
 
-def multi_step_weights(steps: int, iteration: int, anneal_iters: int) -> list[float]:
+def multi_step_weights(
+    steps: int, iteration: int | Tensor, anneal_iters: int
+) -> list[float] | Tensor:
     """MAML++ multi-step loss weights for query losses after steps 1..steps.
 
     Start uniform (1/K each); the intermediate weights decay linearly over ``anneal_iters`` to
     a floor of 0.03/K and the final step takes the rest, so late training optimises the final
     adapted model as plain MAML does while early training gets gradient from every step.
+    ``iteration`` a device tensor: the weights as a tensor computed on the device, read inside
+    a replayed CUDA graph (``graph_step``); the same numbers up to float rounding.
     """
     if steps <= 1:
-        return [1.0] * steps
+        return iteration.new_ones(steps) if isinstance(iteration, Tensor) else [1.0] * steps
     uniform = 1.0 / steps
+    if isinstance(iteration, Tensor):
+        frac = (
+            (iteration / anneal_iters).clamp(max=1.0)
+            if anneal_iters > 0
+            else torch.ones_like(iteration)
+        )
+        inter = (uniform * (1.0 - frac)).clamp(min=0.03 / steps)
+        return torch.cat([inter.expand(steps - 1), (1.0 - inter * (steps - 1))[None]])
     frac = 1.0 if anneal_iters <= 0 else min(iteration / anneal_iters, 1.0)
     inter = max(uniform * (1.0 - frac), 0.03 / steps)
     return [inter] * (steps - 1) + [1.0 - inter * (steps - 1)]
@@ -270,14 +282,19 @@ def resolve_strategy(
 ) -> str:
     """``auto``: on CUDA the batched form; on a CPU ``batched`` for small tasks and the
     per-task ``loop`` for large ones (``BATCHED_CPU_MAX_ACTIVATIONS``; ``loop`` when the task
-    size is not given). Any other ``strategy`` is returned as is.
+    size is not given). ``graph`` computes as ``batched`` (training replays that as a CUDA
+    graph: ``graph_step.execution``). Any other ``strategy`` is returned as is.
 
     A fixed rule rather than timing both at start-up: the two round differently, and the same
     seed and params must give the same metrics. On CUDA the loop's T x (small kernels) launch
     overhead dominates and batching is the standard remedy (not measured in this repo yet).
     """
-    if strategy not in ("auto", "loop", "batched"):
-        raise ValueError(f"unknown strategy {strategy!r}: expected 'auto', 'loop' or 'batched'")
+    if strategy not in ("auto", "loop", "batched", "graph"):
+        raise ValueError(
+            f"unknown strategy {strategy!r}: expected 'auto', 'loop', 'batched' or 'graph'"
+        )
+    if strategy == "graph":
+        return "batched"
     if strategy != "auto":
         return strategy
     if torch.device(device).type == "cuda":
@@ -293,16 +310,22 @@ def meta_loss(
     tasks: TaskBatch,
     model_cfg: ConvNetConfig,
     maml_cfg: MAMLConfig,
-    step: int = 0,
+    step: int | Tensor = 0,
+    first_order: bool | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Meta-objective on a batch of tasks at training iteration ``step``.
 
     Returns the loss (mean over tasks of the query loss of the adapted weights; the MAML++
     weighted sum over steps with ``multi_step_loss``) whose ``.backward()`` puts the meta-gradient
     into ``params[...].grad``, and detached metrics: ``loss``, ``query_acc`` (after the final
-    inner step). No ``.item()`` here, so no device sync.
+    inner step). No ``.item()`` here, so no device sync. ``step`` may be a device tensor (a
+    CUDA graph's counter, ``graph_step``); ``first_order`` is then given by the caller, who
+    knows the iteration on the host.
     """
-    first_order = use_first_order(maml_cfg, step)
+    if first_order is None:
+        if isinstance(step, Tensor):
+            raise ValueError("meta_loss with a tensor step needs first_order given")
+        first_order = use_first_order(maml_cfg, step)
     steps = maml_cfg.inner_steps
     if maml_cfg.multi_step_loss and steps > 1:
         weights = multi_step_weights(steps, step, maml_cfg.multi_step_anneal_iters)
@@ -476,8 +499,14 @@ def evaluate_tasks(
     return torch.stack(accs, dim=1) if curve else accs[-1]
 
 
-def cosine_meta_lr(iteration: int, total_iters: int, base_lr: float, min_lr: float = 0.0) -> float:
-    """MAML++ cosine annealing of the outer (Adam) lr: base_lr at 0, min_lr at total_iters."""
+def cosine_meta_lr(
+    iteration: int | Tensor, total_iters: int, base_lr: float, min_lr: float = 0.0
+) -> float | Tensor:
+    """MAML++ cosine annealing of the outer (Adam) lr: base_lr at 0, min_lr at total_iters.
+    ``iteration`` a device tensor: the lr as one, for Adam inside a CUDA graph."""
+    if isinstance(iteration, Tensor):
+        frac = (iteration / max(total_iters, 1)).clamp(0.0, 1.0)
+        return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + torch.cos(math.pi * frac))
     frac = min(max(iteration / max(total_iters, 1), 0.0), 1.0)
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * frac))
 

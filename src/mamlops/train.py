@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mamlops import distributed, maml, tracking
+from mamlops import distributed, graph_step, maml, tracking
 from mamlops.checkpoint import (
     CHECKPOINT,
     load_checkpoint,
@@ -67,7 +67,7 @@ class TrainResult:
     seconds: float
     resumed_from: int
     history: list[dict[str, float]]
-    strategy: str  # the execution ``strategy: auto`` resolved to (loop or batched)
+    strategy: str  # the execution ``strategy: auto`` resolved to (loop, batched or graph)
 
 
 def learned_inner_lrs(params: Params) -> dict[str, float]:
@@ -139,6 +139,7 @@ def train(
     tracking_run: str | None = None,
     world: distributed.World = distributed.SINGLE,
     device: torch.device | None = None,
+    budget_s: float | None = None,
 ) -> TrainResult:
     """Meta-train ``cfg`` and write ``out_dir/theta.safetensors`` and ``theta_best.safetensors``.
 
@@ -151,14 +152,24 @@ def train(
     come from ``distributed.process_group``: each process computes its shard of every
     meta-batch, and only ``world.main`` validates and writes files (the others return the same
     step, loss and timing, without validation results).
+
+    On CUDA in one process the iteration is captured as a CUDA graph and replayed
+    (``graph_step``; ``strategy: batched`` keeps it eager). ``budget_s``: stop at the first
+    logging point after that many seconds of this call, validate and checkpoint there (a
+    short GPU slot; the next call resumes).
     """
     device = resolve_device(cfg.device) if device is None else device
     part = world.shard(cfg.meta_batch)
     model_cfg, maml_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways), cfg.maml
     scheme = resolve_scheme(prepared_dir, cfg.split)
     train_bank = load_bank(prepared_dir, "train", scheme).to(device)
+    graph = graph_step.execution(maml_cfg.strategy, device, world.size) == "graph"
     # tasks are drawn where the bank is: on CUDA no index tensor crosses to the GPU each step
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = (
+        graph_step.sampler_generator(device, cfg.seed)
+        if graph
+        else torch.Generator(device=device).manual_seed(cfg.seed)
+    )
     sampler = training_sampler(cfg, prepared_dir, scheme, train_bank, gen)
     if world.main:  # the only process that validates
         val_bank = load_bank(prepared_dir, "val", scheme).to(device)
@@ -169,7 +180,7 @@ def train(
         k: v.to(device).requires_grad_(True)
         for k, v in maml.init_meta_params(model_cfg, maml_cfg, init_gen).items()
     }
-    opt = torch.optim.Adam(params.values(), lr=cfg.meta_lr)
+    opt = graph_step.optimizer(params, cfg.meta_lr, capturable=graph)
 
     ckpt_path = checkpoint_dir / CHECKPOINT
     state = distributed.broadcast(load_checkpoint(ckpt_path) if world.main else None, world)
@@ -196,6 +207,11 @@ def train(
         seconds_before = state.get("seconds", 0.0)
     resumed_from = start
     out_dir.mkdir(parents=True, exist_ok=True)
+    stepper = (
+        graph_step.GraphStep(params, opt, sampler, model_cfg, maml_cfg, cfg, start=start)
+        if graph
+        else None
+    )
 
     def checkpoint(step: int) -> None:
         if not world.main:
@@ -225,6 +241,7 @@ def train(
     window_t, window_tasks = time.perf_counter(), 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16)
     defer, pending = device.type == "cuda", []  # losses not yet checked for NaN
+    final_step = end
     try:
         for step in range(start, end):
             lr = (
@@ -232,22 +249,27 @@ def train(
                 if cfg.cosine_meta_lr
                 else cfg.meta_lr
             )
-            for group in opt.param_groups:
-                group["lr"] = lr
-            tasks = sampler.sample(cfg.meta_batch, part)  # this process's shard (all of it)
-            with autocast:
-                loss, m = maml.meta_loss(params, tasks, model_cfg, maml_cfg, step=step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            # one all-reduce: the shards' mean gradients, loss and accuracy (no-op alone)
-            m["loss"], m["query_acc"] = distributed.average_gradients(
-                params, world, m["loss"], m["query_acc"]
-            )
-            maml.clip_meta_grad(params, cfg.grad_clip or None)
+            if stepper is None:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                tasks = sampler.sample(cfg.meta_batch, part)  # this process's shard (all of it)
+                with autocast:
+                    loss, m = maml.meta_loss(params, tasks, model_cfg, maml_cfg, step=step)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                # one all-reduce: the shards' mean gradients, loss and accuracy (no-op alone)
+                m["loss"], m["query_acc"] = distributed.average_gradients(
+                    params, world, m["loss"], m["query_acc"]
+                )
+                maml.clip_meta_grad(params, cfg.grad_clip or None)
+            else:  # the whole iteration, Adam's update included, replayed on the GPU
+                out = stepper.step(step)
+                m = {"loss": out[0], "query_acc": out[1]}
             window_tasks += cfg.meta_batch
             done = step + 1
             log_now = done % cfg.log_every == 0 or done == cfg.iterations
-            val_now = done % cfg.val_every == 0 or done == cfg.iterations
+            over = log_now and budget_s is not None and time.perf_counter() - t0 > budget_s
+            val_now = done % cfg.val_every == 0 or done == cfg.iterations or over
             ckpt_now = bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0
             pending.append(m["loss"])
             if not defer or log_now or val_now or ckpt_now or done == end:
@@ -264,7 +286,8 @@ def train(
                             "inner_lr, or enable grad_clip, then rerun to resume from it"
                         )
                 loss_value = losses[-1]
-            opt.step()
+            if stepper is None:
+                opt.step()
             row: dict[str, float] = {}
             if log_now:
                 now = time.perf_counter()
@@ -292,10 +315,12 @@ def train(
                 bar.update(done, row)
             if ckpt_now:
                 checkpoint(done)
+            if over:
+                final_step = done
+                break
     finally:
         bar.close()
 
-    final_step = end
     if final_step > start or state is None:
         checkpoint(final_step)
     if final_step == cfg.iterations and world.main:
@@ -314,7 +339,9 @@ def train(
         seconds=seconds,
         resumed_from=resumed_from,
         history=history,
-        strategy=maml.resolve_strategy(
+        strategy="graph"
+        if graph
+        else maml.resolve_strategy(
             maml_cfg.strategy, device, model_cfg, cfg.ways * (cfg.shots + cfg.query)
         ),
     )
