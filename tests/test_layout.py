@@ -10,7 +10,6 @@ listing a module the stage does not import is an error too (needless re-runs).
 
 from __future__ import annotations
 
-import ast
 import shlex
 from pathlib import Path
 
@@ -18,42 +17,14 @@ import pytest
 import yaml
 from conftest import REPO
 
+from mamlops import code
 from mamlops.config import Layout
 
 PKG = REPO / "src" / "mamlops"
-# atomic writes, one-line error reporting, MLflow logging, glibc malloc settings
-NO_OUTPUT_EFFECT = {"files", "errors", "tracking", "malloc", "urls"}
 STAGES = ("download", "prepare", "train", "evaluate", "export")
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Modules of the package that ``path`` imports anywhere in it (absolute or relative)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: only package modules use them
-                base = "mamlops" + (f".{base}" if base else "")
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "mamlops" and len(parts) > 1 and (PKG / f"{parts[1]}.py").is_file():
-                found.add(parts[1])
-    return found
-
-
-def closure(script: Path) -> set[str]:
-    todo, seen = list(imported_modules(script)), set()
-    while todo:
-        module = todo.pop()
-        if module not in seen:
-            seen.add(module)
-            todo.extend(imported_modules(PKG / f"{module}.py"))
-    return seen
+# the walk is the library's own (mamlops.code), the one that also keys checkpoint resumption
+imported_modules, closure = code.imported_modules, code.import_closure
+NO_OUTPUT_EFFECT = code.NO_OUTPUT_EFFECT
 
 
 def stage(name: str, dvc: dict | None = None) -> dict:

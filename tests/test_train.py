@@ -327,10 +327,20 @@ def test_other_prepared_data_or_code_start_from_scratch(
 
     package = tmp_path / "package"
     package.mkdir()
-    for name in ckpt_mod.TRAINING_CODE:
-        shutil.copy(Path(ckpt_mod.__file__).parent / name, package / name)
+    copies = [Path(shutil.copy(f, package / f.name)) for f in ckpt_mod.training_code()]
     (package / "maml.py").write_text((package / "maml.py").read_text() + "\n# a fix\n")
-    monkeypatch.setattr(ckpt_mod, "__file__", str(package / "checkpoint.py"))
+    monkeypatch.setattr(ckpt_mod, "training_code", lambda: copies)
     result = train(cfg, other, out, ck, progress=False)
     assert "other training code: starting from scratch" in capsys.readouterr().out
     assert result.resumed_from == 0
+
+
+def test_the_training_code_is_the_import_closure_of_train() -> None:
+    """Derived, not hand-kept: what train.py runs decides resumption (splits.py, which
+    training uses through load_bank, was missing from the old list)."""
+    from mamlops import checkpoint as ckpt_mod
+
+    names = {f.name for f in ckpt_mod.training_code()}
+    assert {"train.py", "maml.py", "model.py", "splits.py", "episodes.py", "graph_step.py"} <= names
+    assert {"checkpoint.py", "config.py", "distributed.py"} <= names
+    assert not names & {"tracking.py", "files.py", "errors.py", "cli.py", "serve.py", "export.py"}

@@ -21,11 +21,13 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mamlops import code
 from mamlops.config import THETA_CHOICES, TrainConfig
 from mamlops.errors import UserError
 from mamlops.files import (
@@ -38,19 +40,15 @@ from mamlops.files import (
 from mamlops.model import ConvNetConfig, Params
 
 CHECKPOINT = "checkpoint.pt"
-# the modules whose code decides what a training run computes (not the CLI, tracking or I/O)
-TRAINING_CODE = (
-    "config.py",
-    "datasets.py",
-    "distributed.py",
-    "episodes.py",
-    "graph_step.py",
-    "maml.py",
-    "model.py",
-    "preprocess.py",
-    "splits.py",
-    "train.py",
-)
+
+
+def training_code() -> list[Path]:
+    """The files whose code decides what a training run computes: ``train.py``'s import
+    closure less the modules without an effect on outputs (``code.output_code``, the same walk
+    that checks dvc.yaml's deps), so no module can be forgotten from a hand-kept list."""
+    return code.output_code(code.PACKAGE / "train.py")
+
+
 THETA_FILES = dict(zip(THETA_CHOICES, ("theta_best.safetensors", "theta.safetensors"), strict=True))
 THETA_FORMAT = "mamlops-theta-1"
 
@@ -111,21 +109,21 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
 
 def resume_key(cfg: TrainConfig, prepared_dir: Path, device_type: str) -> dict[str, str]:
     """What a training run's result depends on: its config, the prepared data (every file of
-    ``prepared_dir``, about 0.1 s for Omniglot) and the training code (``TRAINING_CODE``). A
+    ``prepared_dir``, about 0.1 s for Omniglot) and the training code (``training_code``). A
     checkpoint resumes only a run with the same key, so a changed split or a code fix never
     continues from a state it did not produce; the number of processes is not part of it
     (``distributed``: a checkpoint resumes with another world size). ``device_type`` is: the
     task sampler's generator state is device-specific (a CPU run's cannot drive a CUDA
     generator)."""
     prepared_dir = Path(prepared_dir)
-    package = Path(__file__).parent
+    files = training_code()
     # not the number of processes: every process draws the whole meta-batch's random numbers,
     # so the state is the same whatever the world size and resumes with any other
     config = {k: v for k, v in cfg.to_dict().items() if k != "processes"}
     return {
         "config": json.dumps(config, sort_keys=True),
         "data": folder_digest(prepared_dir),
-        "code": files_digest([package / name for name in TRAINING_CODE], package),
+        "code": files_digest(files, Path(os.path.commonpath(files))),
         "device": device_type,
     }
 
