@@ -45,13 +45,13 @@ import yaml
 from PIL import Image
 
 from mamlops import datasets
-from mamlops.checkpoint import load_theta, theta_file
 from mamlops.config import PrepareConfig, TrainConfig, hardware, load_params, resolve_device
-from mamlops.evaluate import evaluate_setting
+from mamlops.data.prepare import IMAGES_FILE, list_omniglot, prepare_omniglot
 from mamlops.files import write_json, write_text
 from mamlops.malloc import keep_freed_memory
-from mamlops.prepare import IMAGES_FILE, list_omniglot, prepare_omniglot
-from mamlops.train import train
+from mamlops.meta.checkpoint import load_theta, theta_file
+from mamlops.meta.evaluate import evaluate_setting
+from mamlops.meta.train import train
 
 STUDIES = ROOT / "benchmarks" / "ablations.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "ablations"

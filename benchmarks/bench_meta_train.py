@@ -33,8 +33,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mamlops.malloc import keep_freed_memory
-from mamlops.maml import MAMLConfig, init_meta_params, meta_loss, resolve_strategy
-from mamlops.model import N_BLOCKS, ConvNetConfig
+from mamlops.meta.maml import MAMLConfig, init_meta_params, meta_loss, resolve_strategy
+from mamlops.meta.model import N_BLOCKS, ConvNetConfig
 
 PAPER_ITERS = 60_000  # cbfinn/maml Omniglot: --metatrain_iterations=60000
 
@@ -76,7 +76,7 @@ def sync(device: str) -> None:
 
 
 def functional_step(cfg, mcfg, tasks, autocast: bool) -> Callable[[], None]:
-    """One meta-training iteration of mamlops.maml with the strategy in ``mcfg``."""
+    """One meta-training iteration of mamlops.meta.maml with the strategy in ``mcfg``."""
     device = tasks.xs.device
     params = device_params(cfg, mcfg, device)
     opt = torch.optim.Adam(params.values(), lr=1e-3)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from mamlops.episodes import TaskSampler, episode_tasks, load_bank, load_episodes
+from mamlops.data.episodes import TaskSampler, episode_tasks, load_bank, load_episodes
 
 
 def _time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:

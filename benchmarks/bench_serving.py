@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mamlops.classifier import Classifier
-from mamlops.export import export_onnx
-from mamlops.model import ConvNetConfig, batch_stats, init_params
-from mamlops.onnx_predict import OnnxClassifier
+from mamlops.classifier.classifier import Classifier
+from mamlops.classifier.export import export_onnx
+from mamlops.classifier.onnx_predict import OnnxClassifier
+from mamlops.meta.model import ConvNetConfig, batch_stats, init_params
 
 
 def random_classifier(dataset: str, ways: int) -> Classifier:

@@ -36,14 +36,14 @@ import numpy as np
 import torch
 from bench_serving import _rss_mib, mamlops_serve, percentiles
 
-from mamlops import preprocess
-from mamlops.adapt import MetaModel
+from mamlops.classifier.adapt import MetaModel
+from mamlops.classifier.teach import TeachLimits, teach
 from mamlops.config import PrepareConfig, load_params
+from mamlops.data import preprocess
+from mamlops.data.prepare import OMNIGLOT_SETS
+from mamlops.data.splits import Character, decode_class, make_omniglot_splits
 from mamlops.files import read_safetensors, write_safetensors
-from mamlops.model import ConvNetConfig, init_params
-from mamlops.prepare import OMNIGLOT_SETS
-from mamlops.splits import Character, decode_class, make_omniglot_splits
-from mamlops.teach import TeachLimits, teach
+from mamlops.meta.model import ConvNetConfig, init_params
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR = Path(os.environ.get("MAMLOPS_DATA_MIRROR", ROOT.parent / "shared/data/omniglot"))

@@ -1,7 +1,7 @@
 """Meta-train a preset on one CUDA GPU inside a wall-clock budget, then score it there.
 
-A thin runner of the library's own training loop (``mamlops.train.train``, which on CUDA
-replays the whole iteration as a CUDA graph: ``mamlops.graph_step``) for a machine with
+A thin runner of the library's own training loop (``mamlops.meta.train.train``, which on CUDA
+replays the whole iteration as a CUDA graph: ``mamlops.meta.graph_step``) for a machine with
 PyTorch (plus numpy, pyyaml, safetensors, pillow; pydantic carried as a wheel) but not this
 project's venv. Copy the repository with its prepared data (``data/prepared/omniglot``, from
 ``dvc repro prepare``), then::
@@ -62,13 +62,13 @@ except ModuleNotFoundError as exc:
         "pyyaml, and run with PYTHONPATH=/tmp/py (a system Python refuses plain pip install)"
     )
 
-from mamlops import maml
-from mamlops.checkpoint import load_theta, theta_file
 from mamlops.config import EvaluateConfig, TrainConfig, load_params
-from mamlops.episodes import TaskSampler
+from mamlops.data.episodes import TaskSampler
 from mamlops.files import write_json, write_text
-from mamlops.model import ConvNetConfig
-from mamlops.train import train
+from mamlops.meta import maml
+from mamlops.meta.checkpoint import load_theta, theta_file
+from mamlops.meta.model import ConvNetConfig
+from mamlops.meta.train import train
 
 HISTORY_COLUMNS = ("step", "loss", "train_acc", "val_acc", "tasks_per_s")
 
@@ -226,7 +226,7 @@ def evaluate_on_device(
     cfg: TrainConfig, prepared: Path, out: Path, device, limit: int | None
 ) -> dict:
     """The evaluate stage's numbers (``evaluate.test_metrics``) for the best theta, here."""
-    from mamlops.evaluate import on_trained_config, test_metrics
+    from mamlops.meta.evaluate import on_trained_config, test_metrics
 
     path = theta_file(out, "best")
     theta, meta = load_theta(path)

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mamlops.config import TrainConfig, load_params
-from mamlops.train import train
+from mamlops.meta.train import train
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ python pipeline/download.py OUT        (dvc.yaml: OUT = data/raw/omniglot)
 from pathlib import Path
 
 from mamlops.config import DataConfig, load_params
-from mamlops.download import download_stage
+from mamlops.data.download import download_stage
 from mamlops.errors import reported, stage_args
 
 if __name__ == "__main__":

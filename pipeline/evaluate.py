@@ -9,8 +9,8 @@ from pathlib import Path
 
 from mamlops.config import EvaluateConfig, TrainConfig, load_params
 from mamlops.errors import reported, stage_args
-from mamlops.evaluate import evaluate_stage
 from mamlops.malloc import keep_freed_memory
+from mamlops.meta.evaluate import evaluate_stage
 
 if __name__ == "__main__":
     setting, *paths = stage_args(

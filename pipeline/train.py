@@ -10,7 +10,7 @@ from pathlib import Path
 from mamlops.config import TrainConfig, load_params
 from mamlops.errors import reported, stage_args
 from mamlops.malloc import keep_freed_memory
-from mamlops.train import train_stage
+from mamlops.meta.train import train_stage
 
 if __name__ == "__main__":
     setting, *paths = stage_args(

@@ -143,10 +143,10 @@ def _healthy(url: str) -> bool:
 def log_tiny_run(prepared: Path, work: Path, setting: str = "tiny-team") -> None:
     """Train, evaluate and export a tiny setting through the stages' own library calls; they
     log to whatever ``MLFLOW_TRACKING_URI`` names."""
+    from mamlops.classifier.export import export_stage
     from mamlops.config import EvaluateConfig, ExportConfig, Layout, TrainConfig
-    from mamlops.evaluate import evaluate_stage
-    from mamlops.export import export_stage
-    from mamlops.train import train_stage
+    from mamlops.meta.evaluate import evaluate_stage
+    from mamlops.meta.train import train_stage
 
     tiny = {
         "dataset": "omniglot", "ways": 5, "shots": 1, "query": 2, "meta_batch": 2,

@@ -28,11 +28,11 @@ import torch
 import uvicorn
 from PIL import Image
 
-from mamlops import preprocess
-from mamlops.classifier import Classifier
+from mamlops.classifier.classifier import Classifier
 from mamlops.config import PrepareConfig, load_params
-from mamlops.model import ConvNetConfig, batch_stats, init_params
-from mamlops.prepare import prepare_omniglot
+from mamlops.data import preprocess
+from mamlops.data.prepare import prepare_omniglot
+from mamlops.meta.model import ConvNetConfig, batch_stats, init_params
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT_ZIPS = ("images_background.zip", "images_evaluation.zip")
@@ -104,7 +104,7 @@ def trained_theta(
     import torch
 
     from mamlops.config import TrainConfig
-    from mamlops.train import train
+    from mamlops.meta.train import train
 
     cfg = TrainConfig.from_flat(
         dict(

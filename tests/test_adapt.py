@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from conftest import omniglot_mirror
 
-from mamlops.adapt import (
+from mamlops.classifier.adapt import (
     AdaptInputError,
     UnequalShotsWarning,
     adapt_folder,
     evaluate_folder,
     predict_paths,
 )
-from mamlops.classifier import Classifier
+from mamlops.classifier.classifier import Classifier
 from mamlops.files import file_sha256
 
 # five characters of the Omniglot evaluation alphabets (Vinyals test split), one per alphabet

@@ -14,8 +14,8 @@ import torch
 from conftest import build_classifier, to_tensor
 from safetensors.torch import save_file
 
-from mamlops.classifier import Classifier, ClassifierFileError
-from mamlops.model import per_step_bn
+from mamlops.classifier.classifier import Classifier, ClassifierFileError
+from mamlops.meta.model import per_step_bn
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_per_step_bn_and_lr_keys_are_reduced(built) -> None:
 def test_reference_bn_is_served_like_any_other(built) -> None:
     """A meta-model with the reference code's BatchNorm (no scale, a shift with a step axis)
     becomes an ordinary classifier file: scales of 1, one shift row, the same predictions."""
-    from mamlops.model import batch_stats, forward, forward_folded
+    from mamlops.meta.model import batch_stats, forward, forward_folded
 
     clf, queries = built
     theta = {k: v for k, v in clf.params.items() if not k.endswith(".weight") or "bn" not in k}

@@ -140,7 +140,7 @@ def test_train_with_another_params_file(omniglot_prepared: Path, tmp_path, monke
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict:
     """A classifier file, its ONNX export and query images written as PNG files."""
-    from mamlops.export import export_onnx
+    from mamlops.classifier.export import export_onnx
 
     root = tmp_path_factory.mktemp("cli-model")
     clf, queries = build_classifier()

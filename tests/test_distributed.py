@@ -21,11 +21,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mamlops import distributed, maml
 from mamlops.config import TrainConfig
-from mamlops.episodes import TaskSampler, load_bank
-from mamlops.model import ConvNetConfig
-from mamlops.train import train
+from mamlops.data.episodes import TaskSampler, load_bank
+from mamlops.meta import distributed, maml
+from mamlops.meta.model import ConvNetConfig
+from mamlops.meta.train import train
 
 TINY = {
     "dataset": "omniglot", "ways": 5, "shots": 1, "query": 2, "meta_batch": 4,
@@ -135,7 +135,7 @@ from pathlib import Path
 import torch
 from mamlops import distributed
 from mamlops.config import TrainConfig
-from mamlops.train import train
+from mamlops.meta.train import train
 cfg = TrainConfig.from_params(json.loads(sys.argv[1]), "tiny")
 with distributed.process_group(torch.device("cpu")) as (world, device):
     train(

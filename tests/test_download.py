@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mamlops import download
 from mamlops.config import DataConfig, load_params
-from mamlops.download import DataError, fetch_omniglot, resolve_mirror, verify_omniglot
+from mamlops.data import download
+from mamlops.data.download import DataError, fetch_omniglot, resolve_mirror, verify_omniglot
 from mamlops.urls import redact
 
 MIRROR = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mamlops.episodes import (
+from mamlops.data.episodes import (
     TaskSampler,
     episode_tasks,
     load_bank,
@@ -16,8 +16,8 @@ from mamlops.episodes import (
     make_episodes,
     write_episode_files,
 )
-from mamlops.preprocess import to_float
-from mamlops.splits import read_splits
+from mamlops.data.preprocess import to_float
+from mamlops.data.splits import read_splits
 
 SETTINGS = [(5, 1), (5, 5), (20, 1), (20, 5)]
 
@@ -195,7 +195,7 @@ def test_distinct_character_tasks_take_one_rotation_of_each_character() -> None:
 
 
 def test_character_groups_of_the_prepared_splits(omniglot_prepared: Path) -> None:
-    from mamlops.episodes import character_groups
+    from mamlops.data.episodes import character_groups
 
     for scheme in ("vinyals", "random", "official"):
         assert character_groups(omniglot_prepared, "train", scheme) == 4
@@ -257,7 +257,7 @@ def test_alphabet_tasks_take_characters_of_one_alphabet_at_one_rotation() -> Non
 
 
 def test_character_alphabets_of_the_official_split(omniglot_prepared: Path) -> None:
-    from mamlops.episodes import character_alphabets
+    from mamlops.data.episodes import character_alphabets
 
     train = character_alphabets(omniglot_prepared, "train", "official")
     val = character_alphabets(omniglot_prepared, "val", "official")

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mamlops.checkpoint import load_theta
-from mamlops.episodes import episode_tasks, load_episodes
-from mamlops.evaluate import evaluate_setting, mean_ci95, predict_tasks
-from mamlops.figures import episode_grid, steps_rows, write_steps_csv
-from mamlops.model import ConvNetConfig
+from mamlops.data.episodes import episode_tasks, load_episodes
+from mamlops.meta.checkpoint import load_theta
+from mamlops.meta.evaluate import evaluate_setting, mean_ci95, predict_tasks
+from mamlops.meta.figures import episode_grid, steps_rows, write_steps_csv
+from mamlops.meta.model import ConvNetConfig
 
 N_EPISODES = 100
 
@@ -192,7 +192,7 @@ def test_a_theta_is_scored_as_it_was_trained(trained_theta, capsys) -> None:
     """A preset whose split or loss changed since its theta was trained (the paper presets
     adopted the reference code's) must not score that theta on characters it trained on, nor
     adapt it with another inner lr than it was meta-trained for."""
-    from mamlops.evaluate import on_trained_config
+    from mamlops.meta.evaluate import on_trained_config
 
     _, meta = load_theta(trained_theta.path)
     cfg = trained_theta.cfg

@@ -16,10 +16,10 @@ import torch
 from conftest import build_classifier, to_tensor
 from PIL import Image
 
-from mamlops.classifier import Classifier
-from mamlops.export import DEFAULT_OPSET, export_onnx, onnx_bytes
-from mamlops.model import ConvNetConfig, batch_stats, forward, forward_folded, init_params
-from mamlops.onnx_predict import OnnxClassifier
+from mamlops.classifier.classifier import Classifier
+from mamlops.classifier.export import DEFAULT_OPSET, export_onnx, onnx_bytes
+from mamlops.classifier.onnx_predict import OnnxClassifier
+from mamlops.meta.model import ConvNetConfig, batch_stats, forward, forward_folded, init_params
 
 ATOL = 1e-5
 
@@ -143,7 +143,7 @@ def test_onnx_predict_path_never_imports_torch(exported) -> None:
     image.write_bytes(queries[0])
     code = (
         "import sys\n"
-        "from mamlops.onnx_predict import OnnxClassifier\n"
+        "from mamlops.classifier.onnx_predict import OnnxClassifier\n"
         f"preds = OnnxClassifier({str(path)!r}).predict_images([{str(image)!r}], top_k=2)\n"
         "assert preds[0]['label'], preds\n"
         "print('torch' in sys.modules)\n"
@@ -183,7 +183,7 @@ def test_opset_metadata_is_what_the_file_has(tmp_path: Path) -> None:
 def test_a_model_that_cannot_serve_is_refused_at_load(exported, tmp_path, key, value, why):
     """Metadata that is not what mamlops writes, or a graph that does not match it, is refused
     when the model is loaded (the server used to answer 500 on every request instead)."""
-    from mamlops.onnx_predict import OnnxClassifier, OnnxModelError
+    from mamlops.classifier.onnx_predict import OnnxClassifier, OnnxModelError
 
     model = onnx.load(str(exported[2]))
     for prop in model.metadata_props:

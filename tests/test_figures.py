@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image, ImageColor
 
-from mamlops import figures
-from mamlops.episodes import Tasks
-from mamlops.figures import (
+from mamlops.data.episodes import Tasks
+from mamlops.data.preprocess import to_float
+from mamlops.meta import figures
+from mamlops.meta.figures import (
     GRID_FRAME,
     GRID_HEADER_H,
     GRID_LABEL_H,
@@ -17,7 +18,6 @@ from mamlops.figures import (
     GRID_PAD,
     episode_grid,
 )
-from mamlops.preprocess import to_float
 
 WAYS, SHOTS, PER_CLASS = 5, 1, 3
 WHITE = (255, 255, 255)

@@ -105,7 +105,7 @@ def test_prepare_sweeps_what_a_killed_prepare_left(tmp_path) -> None:
     import subprocess
     import sys
 
-    from mamlops.prepare import staged_dir
+    from mamlops.data.prepare import staged_dir
 
     dead = int(
         subprocess.run(

@@ -24,12 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mamlops.classifier import Classifier
+from mamlops.classifier.classifier import Classifier
+from mamlops.classifier.export import export_onnx
+from mamlops.classifier.onnx_predict import OnnxClassifier
+from mamlops.data.preprocess import ImageError, read_image
 from mamlops.errors import UserError
-from mamlops.export import export_onnx
-from mamlops.onnx_predict import OnnxClassifier
-from mamlops.preprocess import ImageError, read_image
-from mamlops.serve import create_app
+from mamlops.serving.serve import create_app
 
 FUZZ = settings(
     max_examples=120,

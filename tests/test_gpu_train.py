@@ -1,6 +1,6 @@
 """benchmarks/gpu_train.py, the script a GPU rental runs, end to end in small on the CPU.
 
-It runs the library's training loop (``mamlops.train.train``; on CUDA the captured graph of
+It runs the library's training loop (``mamlops.meta.train.train``; on CUDA the captured graph of
 ``graph_step``, which needs a GPU: docs/performance.md); here the same script must train,
 validate, write the project's theta format, time an execution in a child process (and report
 one that cannot run here), stop on its budget, resume from its checkpoint and score the test
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mamlops.checkpoint import load_theta
+from mamlops.meta.checkpoint import load_theta
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_train.py"

@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file
 from test_train import tiny_cfg
 
-from mamlops import graph_step, maml
 from mamlops.config import TrainConfig
-from mamlops.episodes import load_bank
+from mamlops.data.episodes import load_bank
+from mamlops.data.splits import resolve_scheme
 from mamlops.errors import UserError
-from mamlops.model import ConvNetConfig
-from mamlops.splits import resolve_scheme
-from mamlops.train import train, training_sampler
+from mamlops.meta import graph_step, maml
+from mamlops.meta.model import ConvNetConfig
+from mamlops.meta.train import train, training_sampler
 
 MAMLPP = {  # every step-dependent value at once: cosine lr, both annealings, LSLR, clipping
     "inner_steps": 2,

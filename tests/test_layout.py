@@ -34,7 +34,11 @@ def stage(name: str, dvc: dict | None = None) -> dict:
 
 def listed_modules(deps: list[str]) -> set[str]:
     prefix = "src/mamlops/"
-    return {d[len(prefix) : -3] for d in deps if d.startswith(prefix) and d.endswith(".py")}
+    return {
+        d[len(prefix) : -3].replace("/", ".")
+        for d in deps
+        if d.startswith(prefix) and d.endswith(".py")
+    }
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -52,15 +56,15 @@ def test_the_check_catches_a_removed_dep() -> None:
     """Take an import's dep out of dvc.yaml, as a careless edit would: the check must fail."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     spec = stage("export", dvc)
-    spec["deps"].remove("src/mamlops/maml.py")  # export adapts with maml.adapt_detached
+    spec["deps"].remove("src/mamlops/meta/maml.py")  # export adapts with maml.adapt_detached
     want = closure(REPO / "pipeline/export.py") - NO_OUTPUT_EFFECT
-    assert "maml" in want - listed_modules(spec["deps"])
+    assert "meta.maml" in want - listed_modules(spec["deps"])
 
 
 def test_closure_follows_imports_inside_functions(tmp_path: Path) -> None:
     script = tmp_path / "s.py"
-    script.write_text("def f():\n    from mamlops.registry import register_if_best\n")
-    assert {"registry", "tracking", "errors"} <= closure(script)
+    script.write_text("def f():\n    from mamlops.classifier.registry import register_if_best\n")
+    assert {"classifier.registry", "tracking", "errors"} <= closure(script)
 
 
 def _cmd_args(name: str, key: str, item: str) -> list[str]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mamlops.config import MAMLConfig, TrainConfig, load_params
-from mamlops.maml import (
+from mamlops.meta.maml import (
     BATCHED_CPU_MAX_ACTIVATIONS,
     adapt,
     adapted_names,
@@ -24,7 +24,7 @@ from mamlops.maml import (
     resolve_strategy,
     use_first_order,
 )
-from mamlops.model import ConvNetConfig, batch_stats, forward
+from mamlops.meta.model import ConvNetConfig, batch_stats, forward
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -284,7 +284,7 @@ def test_auto_strategy_rule():
 
 def test_auto_picks_batched_for_small_cpu_tasks(monkeypatch):
     """meta_loss passes the task size to the rule: small tasks run the batched form."""
-    import mamlops.maml as maml
+    import mamlops.meta.maml as maml
 
     calls = []
     real = maml._query_logits_batched
@@ -328,7 +328,7 @@ def test_head_init_normal_is_unit_variance_and_leaves_the_convs_alone():
 def test_label_smoothing_is_the_reference_targets_up_to_scale():
     """The reference's targets 0.9 * onehot + 0.01 (N classes): its loss equals
     (0.9 + 0.01 N) times cross-entropy with label smoothing 0.01 N / (0.9 + 0.01 N)."""
-    from mamlops.maml import task_loss
+    from mamlops.meta.maml import task_loss
 
     g = torch.Generator().manual_seed(0)
     for n in (5, 20):
@@ -345,7 +345,7 @@ def test_evaluation_adapts_with_the_label_smoothing_it_is_given():
     cfg = STRIDED
     tasks = _tasks(cfg)
     params = {k: v.detach() for k, v in _meta_params(cfg, MAMLConfig()).items()}
-    from mamlops.maml import adapt_detached
+    from mamlops.meta.maml import adapt_detached
 
     *_, plain = adapt_detached(params, tasks.xs, tasks.ys, cfg, 2, 0.4)
     *_, smooth = adapt_detached(params, tasks.xs, tasks.ys, cfg, 2, 0.4, label_smoothing=0.2)

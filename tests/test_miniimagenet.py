@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mamlops import miniimagenet
-from mamlops.download import DataError
+from mamlops.data import miniimagenet
+from mamlops.data.download import DataError
 
 
 def _jpeg(path: Path) -> None:

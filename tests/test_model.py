@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamlops.model import (
+from mamlops.meta.model import (
     N_BLOCKS,
     ConvNetConfig,
     _head,

@@ -541,7 +541,7 @@ def test_mlflow_models_serve_answers_for_the_champion(repo: Path, tmp_path: Path
     import numpy as np
     import onnx
 
-    from mamlops.onnx_predict import OnnxClassifier
+    from mamlops.classifier.onnx_predict import OnnxClassifier
 
     onnx_path = repo / "models" / SETTING / "model.onnx"
     labels = json.loads(

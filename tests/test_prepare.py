@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from mamlops.config import ParamsError, PrepareConfig
-from mamlops.prepare import prepare_miniimagenet, read_classes, staged_dir
-from mamlops.preprocess import load_image, to_float, to_float_numpy
-from mamlops.splits import (
+from mamlops.data.prepare import prepare_miniimagenet, read_classes, staged_dir
+from mamlops.data.preprocess import load_image, to_float, to_float_numpy
+from mamlops.data.splits import (
     Character,
     decode_class,
     make_omniglot_splits,
@@ -234,7 +234,9 @@ def test_load_image_user_inputs() -> None:
 
 
 def test_preprocess_does_not_import_torch() -> None:
-    code = "import sys, mamlops.preprocess as p; p.load_image; sys.exit('torch' in sys.modules)"
+    code = (
+        "import sys, mamlops.data.preprocess as p; p.load_image; sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

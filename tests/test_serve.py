@@ -12,9 +12,9 @@ import pytest
 from conftest import ThreadServer, build_classifier, mlflow_models_serve, to_tensor
 from PIL import Image
 
-from mamlops.export import export_onnx
-from mamlops.onnx_predict import OnnxClassifier
-from mamlops.serve import MAX_FILES, create_app
+from mamlops.classifier.export import export_onnx
+from mamlops.classifier.onnx_predict import OnnxClassifier
+from mamlops.serving.serve import MAX_FILES, create_app
 
 LIMIT = 64 * 1024
 
@@ -217,7 +217,7 @@ def test_single_model_file_needs_no_model_name(setup) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_registry_and_mlflow_models_serve(setup, tmp_path: Path) -> None:
-    from mamlops.registry import log_and_register
+    from mamlops.classifier.registry import log_and_register
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     version = log_and_register(

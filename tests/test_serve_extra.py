@@ -21,8 +21,8 @@ import pytest
 from conftest import REPO, build_classifier, free_port, http_process
 
 import mamlops
-from mamlops.export import export_onnx
-from mamlops.onnx_predict import OnnxClassifier
+from mamlops.classifier.export import export_onnx
+from mamlops.classifier.onnx_predict import OnnxClassifier
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -87,7 +87,7 @@ def test_no_torch_dvc_or_mlflow(serve_bin: Path) -> None:
         "        out[name] = 'imported'\n"
         "    except ModuleNotFoundError as exc:\n"
         "        out[name] = exc.name\n"
-        "import mamlops.serve, mamlops.onnx_predict\n"
+        "import mamlops.serving.serve, mamlops.classifier.onnx_predict\n"
         "print(json.dumps(out))\n"
     )
     proc = subprocess.run(

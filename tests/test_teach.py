@@ -19,10 +19,10 @@ import pytest
 from conftest import ThreadServer, omniglot_pngs
 from PIL import Image
 
-from mamlops.adapt import adapt_folder, predict_paths
+from mamlops.classifier.adapt import adapt_folder, predict_paths
+from mamlops.classifier.teach import ClassifierStore, TeachLimits
 from mamlops.files import read_safetensors, work_dir, write_safetensors
-from mamlops.serve import create_app
-from mamlops.teach import ClassifierStore, TeachLimits
+from mamlops.serving.serve import create_app
 
 WAYS, SHOTS = 5, 1
 
@@ -243,7 +243,7 @@ def test_not_multipart_and_empty_bodies(server) -> None:
 def test_a_server_without_meta_model_says_how_to_teach(tmp_path, drawings) -> None:
     from conftest import build_classifier
 
-    from mamlops.export import export_onnx
+    from mamlops.classifier.export import export_onnx
 
     export_onnx(build_classifier()[0], tmp_path / "fixed.onnx")
     with ThreadServer(create_app(tmp_path / "fixed.onnx")) as url:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from conftest import free_port, http_process, omniglot_pngs
 
-from mamlops.adapt import adapt_folder, evaluate_folder
+from mamlops.classifier.adapt import adapt_folder, evaluate_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import webdriver  # noqa: E402

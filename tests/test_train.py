@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mamlops import maml, tracking
-from mamlops import train as train_mod
+from mamlops import tracking
 from mamlops.config import ParamsError, TrainConfig
-from mamlops.train import NonFiniteLossError, train, write_history
+from mamlops.meta import maml
+from mamlops.meta import train as train_mod
+from mamlops.meta.train import NonFiniteLossError, train, write_history
 
 TINY = {
     "dataset": "omniglot",
@@ -125,7 +126,7 @@ import sys, json
 from pathlib import Path
 import torch
 from mamlops.config import TrainConfig
-from mamlops.train import train
+from mamlops.meta.train import train
 torch.set_num_threads(int(sys.argv[5]))  # bitwise equality needs the same reduction order
 params = json.loads(sys.argv[1])
 cfg = TrainConfig.from_params(params, "tiny")
@@ -323,7 +324,7 @@ def test_other_prepared_data_or_code_start_from_scratch(
     assert "other prepared data: starting from scratch" in capsys.readouterr().out
     assert result.resumed_from == 0
 
-    from mamlops import checkpoint as ckpt_mod
+    from mamlops.meta import checkpoint as ckpt_mod
 
     package = tmp_path / "package"
     package.mkdir()
@@ -338,7 +339,7 @@ def test_other_prepared_data_or_code_start_from_scratch(
 def test_the_training_code_is_the_import_closure_of_train() -> None:
     """Derived, not hand-kept: what train.py runs decides resumption (splits.py, which
     training uses through load_bank, was missing from the old list)."""
-    from mamlops import checkpoint as ckpt_mod
+    from mamlops.meta import checkpoint as ckpt_mod
 
     names = {f.name for f in ckpt_mod.training_code()}
     assert {"train.py", "maml.py", "model.py", "splits.py", "episodes.py", "graph_step.py"} <= names

@@ -195,7 +195,7 @@ def download(
     """Fetch and verify Omniglot (official URLs, or a mirror), atomically."""
     with command("download"):
         from mamlops.config import DataConfig, load_params
-        from mamlops.download import fetch_omniglot, resolve_mirror
+        from mamlops.data.download import fetch_omniglot, resolve_mirror
 
         params_mirror = None
         if mirror is None and params_file.is_file():
@@ -208,7 +208,7 @@ def download(
 def verify(root: Annotated[Path, typer.Argument(help="an extracted Omniglot folder")]) -> None:
     """Check an Omniglot folder by content (structure, PNG decoding, fingerprint)."""
     with command("verify"):
-        from mamlops.download import verify_omniglot
+        from mamlops.data.download import verify_omniglot
 
         typer.echo(json.dumps(verify_omniglot(root), indent=2, default=str))
 
@@ -221,7 +221,7 @@ def prepare(
     """The prepare stage for one data set (as `dvc repro prepare@DATASET`)."""
     with command("prepare"):
         from mamlops.config import DataConfig, Layout, PrepareConfig, load_params
-        from mamlops.prepare import prepare_stage
+        from mamlops.data.prepare import prepare_stage
 
         layout = Layout()
         params = load_params(params_file)
@@ -238,7 +238,7 @@ def train(
     """Meta-train one setting with MLflow tracking; resumes from its checkpoint."""
     with command("train"):
         from mamlops.config import Layout, TrainConfig, load_params
-        from mamlops.train import train_stage
+        from mamlops.meta.train import train_stage
 
         layout = Layout()
         cfg = TrainConfig.from_params(load_params(params_file), setting)
@@ -254,7 +254,7 @@ def evaluate(
     """Score a trained setting on its 600 fixed test episodes (both BatchNorm protocols)."""
     with command("evaluate"):
         from mamlops.config import EvaluateConfig, Layout, TrainConfig, load_params
-        from mamlops.evaluate import evaluate_stage
+        from mamlops.meta.evaluate import evaluate_stage
 
         layout = Layout()
         params = load_params(params_file)
@@ -276,8 +276,8 @@ def publish(
 ) -> None:
     """The export stage: adapt a demo classifier, export ONNX, check parity, register it."""
     with command("publish"):
+        from mamlops.classifier.export import export_stage
         from mamlops.config import ExportConfig, Layout, TrainConfig, load_params
-        from mamlops.export import export_stage
 
         layout = Layout()
         params = load_params(params_file)
@@ -297,7 +297,7 @@ def adapt(
 ) -> None:
     """Adapt the base-learner to your own classes from a folder of a few images per class."""
     with command("adapt"):
-        from mamlops.adapt import adapt_folder
+        from mamlops.classifier.adapt import adapt_folder
 
         clf = adapt_folder(support_dir, meta, steps=steps, lr=lr)
         clf.save(out)
@@ -317,8 +317,8 @@ def evaluate_folder(
                 f"{classifier}: evaluate-folder takes the adapted classifier (.safetensors), "
                 "not its ONNX export"
             )
-        from mamlops.adapt import evaluate_folder as run
-        from mamlops.classifier import Classifier
+        from mamlops.classifier.adapt import evaluate_folder as run
+        from mamlops.classifier.classifier import Classifier
 
         report = run(Classifier.load(classifier), query_dir)
     if as_json:
@@ -362,14 +362,14 @@ def ranked_prediction(
 def _predict(model: Path, images: list[Path], top_k: int) -> list[dict[str, Any]]:
     """Predictions per image, from onnxruntime alone for .onnx, else from PyTorch."""
     if model.suffix == ".onnx":
-        from mamlops.onnx_predict import OnnxClassifier
+        from mamlops.classifier.onnx_predict import OnnxClassifier
 
         onnx_clf = OnnxClassifier(model)
         check_images(images)
         preds = onnx_clf.predict_images([str(p) for p in images], top_k)
     else:
-        from mamlops.adapt import predict_paths
-        from mamlops.classifier import Classifier
+        from mamlops.classifier.adapt import predict_paths
+        from mamlops.classifier.classifier import Classifier
 
         clf = Classifier.load(model)
         check_images(images)
@@ -408,8 +408,8 @@ def export(
 ) -> None:
     """Export an adapted classifier to ONNX (BatchNorm folded, labels in the metadata)."""
     with command("export"):
-        from mamlops.classifier import Classifier
-        from mamlops.export import DEFAULT_OPSET, export_onnx
+        from mamlops.classifier.classifier import Classifier
+        from mamlops.classifier.export import DEFAULT_OPSET, export_onnx
 
         path = export_onnx(Classifier.load(classifier), out, opset or DEFAULT_OPSET)
     typer.echo(f"wrote {path}")
@@ -439,8 +439,8 @@ def serve(
     with command("serve"):
         if not max_upload_mb > 0:
             raise UserError(f"--max-upload-mb must be above 0, got {max_upload_mb}")
-        from mamlops.serve import serve as run
-        from mamlops.teach import TeachLimits
+        from mamlops.classifier.teach import TeachLimits
+        from mamlops.serving.serve import serve as run
 
         limits = TeachLimits(max_shots=max_shots, max_teaching=max_teaching)
         run(
@@ -500,7 +500,7 @@ def register(
         from mlflow.exceptions import MlflowException
 
         from mamlops import tracking
-        from mamlops.registry import log_and_register
+        from mamlops.classifier.registry import log_and_register
 
         check_registry_names(name, alias)
         try:

@@ -573,6 +573,11 @@ class TrainConfig:
     def inner_lr(self) -> float:
         return float(self.maml.inner_lr)
 
+    @property
+    def network(self) -> datasets.ConvNetConfig:
+        """The network this setting trains: the data set's geometry, ``ways`` outputs."""
+        return datasets.get(self.dataset).network(self.ways)
+
     def to_dict(self) -> dict[str, Any]:
         """Flat, with the params.yaml key names (MLflow params, theta metadata, checkpoints)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "maml"}

@@ -12,9 +12,51 @@ Pure data, torch-free: the serving path (``preprocess``, ``onnx_predict``) reads
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from mamlops.errors import UserError
+
+N_BLOCKS = 4  # conv blocks of the paper's network
+
+
+@dataclass(frozen=True)
+class ConvNetConfig:
+    """Shape of the network. Omniglot: 64 filters, stride-2 convs, spatial mean before the head.
+    miniImageNet: 32 filters, stride-1 convs with 2x2 max-pool, flattened features."""
+
+    in_channels: int = 1
+    ways: int = 5
+    hidden: int = 64
+    max_pool: bool = False
+    image_size: int = 28
+
+    @classmethod
+    def for_dataset(cls, dataset: str, ways: int) -> ConvNetConfig:
+        """The paper's network for ``dataset``, ``ways`` outputs (``Dataset.network``)."""
+        return get(dataset).network(ways)
+
+    @property
+    def stride(self) -> int:
+        """Conv stride: 2 downsamples Omniglot; miniImageNet downsamples by max-pool instead."""
+        return 1 if self.max_pool else 2
+
+    @property
+    def first_block_activations(self) -> int:
+        """Floats per image out of the first conv (3x3, padding 1): the largest activation."""
+        side = (self.image_size - 1) // self.stride + 1
+        return self.hidden * side * side
+
+    @property
+    def feature_dim(self) -> int:
+        if not self.max_pool:
+            return self.hidden  # spatial mean, as the paper code does for Omniglot
+        size = self.image_size
+        for _ in range(N_BLOCKS):
+            size = size // 2
+        return self.hidden * size * size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -39,6 +81,10 @@ class Dataset:
     def scale(self) -> str:
         """The float scaling in words, as written into classifier and ONNX metadata."""
         return "1 - x / 255" if self.invert else "x / 255"
+
+    def network(self, ways: int) -> ConvNetConfig:
+        """The paper's network for this data set with ``ways`` outputs."""
+        return ConvNetConfig(self.channels, ways, self.hidden, self.max_pool, self.image_size)
 
     @property
     def classes(self) -> int:

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from mamlops import datasets, preprocess
+from mamlops import datasets
+from mamlops.data import preprocess
 from mamlops.errors import UserError
 
 Prediction = dict[str, Any]

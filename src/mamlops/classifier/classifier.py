@@ -19,7 +19,15 @@ from torch import Tensor
 from mamlops import datasets
 from mamlops.errors import UserError
 from mamlops.files import read_safetensors, write_safetensors
-from mamlops.model import BN_EPS, N_BLOCKS, BNStats, ConvNetConfig, Params, forward, init_params
+from mamlops.meta.model import (
+    BN_EPS,
+    N_BLOCKS,
+    BNStats,
+    ConvNetConfig,
+    Params,
+    forward,
+    init_params,
+)
 
 FORMAT_NAME = "mamlops-classifier"
 FORMAT_VERSION = "1"

@@ -35,7 +35,7 @@ from mamlops.urls import redact, request
 OFFICIAL_BASE = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 ENV_MIRROR = "MAMLOPS_DATA_MIRROR"
 SETS = ("images_background", "images_evaluation")
-RECORD_PATH = Path(__file__).parent / "resources" / "omniglot.json"
+RECORD_PATH = Path(__file__).parents[1] / "resources" / "omniglot.json"
 VERIFIED_NAME = "VERIFIED.json"
 FIX = f"re-download (force) or point {ENV_MIRROR} at a good copy"
 _CHUNK = 1 << 16
@@ -360,7 +360,7 @@ def fetch_omniglot(
 def download_stage(data: DataConfig, dest: Path) -> dict[str, Any]:
     """The stage ``download``: Omniglot into ``dest`` (kept when already verified), and a check
     of the user's miniImageNet folder when one is configured. Prints a summary."""
-    from mamlops import miniimagenet
+    from mamlops.data import miniimagenet
 
     summary = fetch_omniglot(dest, resolve_mirror(data.mirror))
     if summary["skipped"]:

@@ -34,11 +34,11 @@ import contextlib
 
 import torch
 
-from mamlops import maml
 from mamlops.config import MAMLConfig, TrainConfig
-from mamlops.episodes import TaskSampler
+from mamlops.data.episodes import TaskSampler
 from mamlops.errors import UserError
-from mamlops.model import ConvNetConfig, Params
+from mamlops.meta import maml
+from mamlops.meta.model import ConvNetConfig, Params
 
 WARMUP = 3  # eager iterations of each order before its capture (cuDNN/cuBLAS workspaces, Adam)
 

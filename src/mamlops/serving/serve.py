@@ -47,10 +47,17 @@ from starlette.datastructures import UploadFile as FormFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mamlops import preprocess
+from mamlops.classifier.onnx_predict import OnnxClassifier, OnnxModelError
+from mamlops.classifier.teach import (
+    ZIP_MAGIC,
+    ClassifierStore,
+    TeachError,
+    TeachLimits,
+    teach,
+    zip_support,
+)
+from mamlops.data import preprocess
 from mamlops.errors import UserError
-from mamlops.onnx_predict import OnnxClassifier, OnnxModelError
-from mamlops.teach import ZIP_MAGIC, ClassifierStore, TeachError, TeachLimits, teach, zip_support
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 FIELD = "files"
@@ -418,7 +425,7 @@ def create_app(
     limits = limits or TeachLimits()
     meta = store_ = None
     if meta_path is not None:
-        from mamlops.adapt import MetaModel  # torch: only a teaching server needs it
+        from mamlops.classifier.adapt import MetaModel  # torch: only a teaching server needs it
 
         meta = MetaModel.load(meta_path)
         store_ = ClassifierStore(store, limits.cache_size)

@@ -41,12 +41,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from mamlops.classifier.onnx_predict import OnnxClassifier
 from mamlops.errors import UserError
 from mamlops.files import sweep_abandoned, work_dir
-from mamlops.onnx_predict import OnnxClassifier
 
 if TYPE_CHECKING:  # adapt imports torch: only teaching needs it, imported there
-    from mamlops.adapt import MetaModel
+    from mamlops.classifier.adapt import MetaModel
 
 ID_LENGTH = 16
 ID_PATTERN = re.compile(f"^[0-9a-f]{{{ID_LENGTH}}}$")
@@ -187,9 +187,9 @@ def teach(meta: MetaModel, support: dict[str, np.ndarray], limits: TeachLimits) 
     """
     import torch
 
-    from mamlops.adapt import adapt_classifier
-    from mamlops.export import onnx_bytes
-    from mamlops.preprocess import to_float
+    from mamlops.classifier.adapt import adapt_classifier
+    from mamlops.classifier.export import onnx_bytes
+    from mamlops.data.preprocess import to_float
 
     labels = [check_label(label) for label in support]
     if len(set(labels)) < len(labels):

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from mamlops import datasets
+from mamlops.data.preprocess import to_float
+from mamlops.data.splits import N_ROTATIONS, decode_class, read_splits, resolve_scheme
 from mamlops.errors import DataError
-from mamlops.preprocess import to_float
-from mamlops.splits import N_ROTATIONS, decode_class, read_splits, resolve_scheme
 
 EPISODE_DIR = "episodes"
 IMAGES_FILE = "images.npy"

@@ -19,7 +19,7 @@ from PIL import Image
 from mamlops import datasets
 from mamlops.errors import DataError
 
-SPLITS_DIR = Path(__file__).parent / "resources" / "miniimagenet"
+SPLITS_DIR = Path(__file__).parents[1] / "resources" / "miniimagenet"
 # Classes per split and images per class in the Ravi & Larochelle (2017) split.
 EXPECTED_CLASSES = dict(
     zip(("train", "val", "test"), datasets.MINIIMAGENET.split_sizes["ravi"], strict=True)

@@ -18,8 +18,21 @@ from pathlib import Path
 
 import torch
 
-from mamlops import distributed, graph_step, maml, tracking
-from mamlops.checkpoint import (
+from mamlops import tracking
+from mamlops.config import TrainConfig, hardware, resolve_device
+from mamlops.data.episodes import (
+    TaskSampler,
+    character_alphabets,
+    character_groups,
+    episode_tasks,
+    load_bank,
+    load_episodes,
+)
+from mamlops.data.splits import resolve_scheme
+from mamlops.errors import UserError
+from mamlops.files import write_json, write_text
+from mamlops.meta import distributed, graph_step, maml
+from mamlops.meta.checkpoint import (
     CHECKPOINT,
     load_checkpoint,
     resumable_run,
@@ -29,20 +42,8 @@ from mamlops.checkpoint import (
     save_theta,
     theta_file,
 )
-from mamlops.config import TrainConfig, hardware, resolve_device
-from mamlops.episodes import (
-    TaskSampler,
-    character_alphabets,
-    character_groups,
-    episode_tasks,
-    load_bank,
-    load_episodes,
-)
-from mamlops.errors import UserError
-from mamlops.figures import training_curves
-from mamlops.files import write_json, write_text
-from mamlops.model import ConvNetConfig, Params
-from mamlops.splits import resolve_scheme
+from mamlops.meta.figures import training_curves
+from mamlops.meta.model import Params
 
 # the plotted columns: deterministic values only (tasks/s is a metric, not a curve), so the
 # same seed and params write the same files
@@ -85,7 +86,7 @@ def validate(
 ) -> float:
     """Mean query accuracy on the fixed val episodes after ``test_inner_steps`` adaptation."""
     n = min(cfg.val_episodes, len(episodes)) if cfg.val_episodes else len(episodes)
-    model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
+    model_cfg = cfg.network
     accs = []
     for start in range(0, n, batch):
         tasks = episode_tasks(val_bank, episodes, start, min(start + batch, n)).to(device)
@@ -160,7 +161,7 @@ def train(
     """
     device = resolve_device(cfg.device) if device is None else device
     part = world.shard(cfg.meta_batch)
-    model_cfg, maml_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways), cfg.maml
+    model_cfg, maml_cfg = cfg.network, cfg.maml
     scheme = resolve_scheme(prepared_dir, cfg.split)
     train_bank = load_bank(prepared_dir, "train", scheme).to(device)
     graph = graph_step.execution(maml_cfg.strategy, device, world.size) == "graph"

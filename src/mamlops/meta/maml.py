@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mamlops.config import MAMLConfig, Strategy
-from mamlops.model import (
+from mamlops.meta.model import (
     ConvNetConfig,
     Params,
     batch_stats,

@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from mamlops.episodes import Tasks
+from mamlops.data.episodes import Tasks
 from mamlops.files import atomic_write
 
 WRONG = "#d62728"

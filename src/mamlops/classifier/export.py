@@ -27,17 +27,17 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mamlops import tracking
-from mamlops.adapt import adapt_classifier
-from mamlops.checkpoint import theta_file
-from mamlops.classifier import Classifier, preprocessing_spec
+from mamlops.classifier.adapt import adapt_classifier
+from mamlops.classifier.classifier import Classifier, preprocessing_spec
+from mamlops.classifier.onnx_predict import OnnxClassifier
 from mamlops.config import DEFAULT_OPSET, MIN_OPSET, ExportConfig, TrainConfig
-from mamlops.episodes import episode_tasks, load_episodes
+from mamlops.data.episodes import episode_tasks, load_episodes
+from mamlops.data.prepare import read_classes
+from mamlops.data.splits import decode_class, read_splits
 from mamlops.errors import UserError
 from mamlops.files import atomic_write, write_json
-from mamlops.model import N_BLOCKS
-from mamlops.onnx_predict import OnnxClassifier
-from mamlops.prepare import read_classes
-from mamlops.splits import decode_class, read_splits
+from mamlops.meta.checkpoint import theta_file
+from mamlops.meta.model import N_BLOCKS
 
 INPUT_NAME = "x"
 OUTPUT_NAME = "probabilities"
@@ -180,7 +180,7 @@ def export_stage(
     """The stage ``export@<setting>``: writes ``model_dir/classifier.safetensors`` and
     ``model_dir/model.onnx`` and the metrics JSON (demo accuracy, ONNX-vs-PyTorch parity), in
     an MLflow run nested under the training run, which also registers the model."""
-    from mamlops.registry import register_if_best  # MLflow: imported only for this stage
+    from mamlops.classifier.registry import register_if_best  # MLflow: imported only for this stage
 
     model_dir = Path(model_dir)
     theta_path = theta_file(model_dir, ex.checkpoint)
@@ -237,7 +237,7 @@ def export_stage(
                 else None
             )
             reg = register_if_best(onnx_path, f"mamlops-{cfg.name}", ex.alias, eval_acc)
-            tracking.set_tags({f"mamlops.registry.{k}": str(v) for k, v in reg.items()})
+            tracking.set_tags({f"mamlops.classifier.registry.{k}": str(v) for k, v in reg.items()})
             registry = (
                 f", registered {reg['model']} version {reg['version']}"
                 f" (@{reg['alias']} on version {reg['alias_on']})"

@@ -37,7 +37,7 @@ from mamlops.files import (
     read_safetensors,
     write_safetensors,
 )
-from mamlops.model import ConvNetConfig, Params
+from mamlops.meta.model import Params
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -46,7 +46,7 @@ def training_code() -> list[Path]:
     """The files whose code decides what a training run computes: ``train.py``'s import
     closure less the modules without an effect on outputs (``code.output_code``, the same walk
     that checks dvc.yaml's deps), so no module can be forgotten from a hand-kept list."""
-    return code.output_code(code.PACKAGE / "train.py")
+    return code.output_code(code.PACKAGE / "meta" / "train.py")
 
 
 THETA_FILES = dict(zip(THETA_CHOICES, ("theta_best.safetensors", "theta.safetensors"), strict=True))
@@ -65,7 +65,7 @@ def theta_file(model_dir: Path, which: str = "best") -> Path:
 def theta_metadata(cfg: TrainConfig, step: int) -> dict[str, str]:
     """What a theta file says about itself: the train config it came from, its network and the
     iteration it was taken at (JSON with sorted keys, so identical runs write identical bytes)."""
-    model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
+    model_cfg = cfg.network
     return {
         "format": THETA_FORMAT,
         "train_config": json.dumps(cfg.to_dict(), sort_keys=True),

@@ -14,60 +14,17 @@ support set.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamlops import datasets
+from mamlops.datasets import N_BLOCKS, ConvNetConfig
 
 Params = dict[str, Tensor]
 BNStats = list[tuple[Tensor, Tensor]]
 
 BN_EPS = 1e-5
-N_BLOCKS = 4
-
-
-@dataclass(frozen=True)
-class ConvNetConfig:
-    """Shape of the network. Omniglot: 64 filters, stride-2 convs, spatial mean before the head.
-    miniImageNet: 32 filters, stride-1 convs with 2x2 max-pool, flattened features."""
-
-    in_channels: int = 1
-    ways: int = 5
-    hidden: int = 64
-    max_pool: bool = False
-    image_size: int = 28
-
-    @classmethod
-    def for_dataset(cls, dataset: str, ways: int) -> ConvNetConfig:
-        """The paper's network for ``dataset`` (geometry from ``datasets.py``), ``ways`` outputs."""
-        data = datasets.get(dataset)
-        return cls(data.channels, ways, data.hidden, data.max_pool, data.image_size)
-
-    @property
-    def stride(self) -> int:
-        """Conv stride: 2 downsamples Omniglot; miniImageNet downsamples by max-pool instead."""
-        return 1 if self.max_pool else 2
-
-    @property
-    def first_block_activations(self) -> int:
-        """Floats per image out of the first conv (3x3, padding 1): the largest activation."""
-        side = (self.image_size - 1) // self.stride + 1
-        return self.hidden * side * side
-
-    @property
-    def feature_dim(self) -> int:
-        if not self.max_pool:
-            return self.hidden  # spatial mean, as the paper code does for Omniglot
-        size = self.image_size
-        for _ in range(N_BLOCKS):
-            size = size // 2
-        return self.hidden * size * size
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def init_params(

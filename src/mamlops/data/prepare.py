@@ -39,11 +39,9 @@ import numpy as np
 
 from mamlops import datasets
 from mamlops.config import EpisodeConfig, PrepareConfig
-from mamlops.episodes import IMAGES_FILE, write_episode_files
-from mamlops.errors import DataError
-from mamlops.files import sweep_abandoned, work_dir
-from mamlops.preprocess import load_image
-from mamlops.splits import (
+from mamlops.data.episodes import IMAGES_FILE, write_episode_files
+from mamlops.data.preprocess import load_image
+from mamlops.data.splits import (
     SPLITS,
     SPLITS_DIR,
     Character,
@@ -52,6 +50,8 @@ from mamlops.splits import (
     splits_path,
     write_splits,
 )
+from mamlops.errors import DataError
+from mamlops.files import sweep_abandoned, work_dir
 
 OMNIGLOT_SETS = {"background": "images_background", "evaluation": "images_evaluation"}
 OMNIGLOT = datasets.OMNIGLOT

@@ -25,10 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mamlops import maml, tracking
-from mamlops.checkpoint import load_theta, theta_file
+from mamlops import tracking
 from mamlops.config import EvaluateConfig, TrainConfig, hardware, resolve_device
-from mamlops.episodes import (
+from mamlops.data.episodes import (
     Episodes,
     Tasks,
     episode_path,
@@ -36,10 +35,12 @@ from mamlops.episodes import (
     load_bank,
     load_episodes,
 )
-from mamlops.figures import episode_grid, steps_rows, write_steps_csv
+from mamlops.data.splits import resolve_scheme
 from mamlops.files import write_json
-from mamlops.model import ConvNetConfig, Params
-from mamlops.splits import resolve_scheme
+from mamlops.meta import maml
+from mamlops.meta.checkpoint import load_theta, theta_file
+from mamlops.meta.figures import episode_grid, steps_rows, write_steps_csv
+from mamlops.meta.model import ConvNetConfig, Params
 
 PROTOCOLS = ("transductive", "support")
 
@@ -112,7 +113,7 @@ def evaluate_setting(
         n = len(episodes) if limit is None else min(int(limit), len(episodes))
         if n < 1:
             raise ValueError("no test episodes to evaluate (limit < 1 or empty episode file)")
-        model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
+        model_cfg = cfg.network
         curves: dict[str, list[Tensor]] = {p: [] for p in PROTOCOLS}
         for start in range(0, n, batch):
             tasks = episode_tasks(bank, episodes, start, min(start + batch, n)).to(dev)
@@ -303,7 +304,7 @@ def evaluate_stage(
         rows = steps_rows(result)
         write_steps_csv(rows, steps_csv)
         tasks = episode_tasks(prepared_dir, episodes, 0, ev.grid_episodes)
-        model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
+        model_cfg = cfg.network
         preds = predict_tasks(
             theta,
             tasks,

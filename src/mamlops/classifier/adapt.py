@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mamlops import maml
-from mamlops.checkpoint import load_theta
-from mamlops.classifier import Classifier
+from mamlops.classifier.classifier import Classifier
+from mamlops.data.preprocess import ImageError, read_image, to_float
 from mamlops.errors import UserError
 from mamlops.files import file_sha256
-from mamlops.model import ConvNetConfig, batch_stats, forward
-from mamlops.preprocess import ImageError, read_image, to_float
+from mamlops.meta import maml
+from mamlops.meta.checkpoint import load_theta
+from mamlops.meta.model import ConvNetConfig, batch_stats, forward
 
 BATCH = 256
 
