@@ -45,13 +45,15 @@ import yaml
 from PIL import Image
 
 from mamlops import datasets
-from mamlops.config import PrepareConfig, TrainConfig, hardware, load_params, resolve_device
-from mamlops.data.prepare import IMAGES_FILE, list_omniglot, prepare_omniglot
+from mamlops.config import PrepareConfig, TrainConfig
+from mamlops.data.prepare import IMAGES_FILE, prepare_dataset
 from mamlops.files import write_json, write_text
+from mamlops.hardware import hardware, resolve_device
 from mamlops.malloc import keep_freed_memory
 from mamlops.meta.checkpoint import load_theta, theta_file
 from mamlops.meta.evaluate import evaluate_setting
 from mamlops.meta.train import train
+from mamlops.params import load_params
 
 STUDIES = ROOT / "benchmarks" / "ablations.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "ablations"
@@ -97,8 +99,8 @@ def nearest_images(raw: Path) -> np.ndarray:
     """Omniglot as the reference code saw it: each 1-bit PNG resized to 28x28 by Pillow with
     ``LANCZOS`` asked for, which Pillow replaces by nearest-neighbour for mode "1" images (its
     ``resize_images.py``), then read as 0/255 grayscale."""
-    _, files = list_omniglot(raw)
-    side = datasets.OMNIGLOT.image_size
+    omniglot = datasets.get("omniglot")
+    files, side = omniglot.list_classes(raw).files, omniglot.image_size
     out = np.empty((len(files), len(files[0]), side, side), dtype=np.uint8)
     for i, pngs in enumerate(files):
         for j, png in enumerate(pngs):
@@ -117,7 +119,7 @@ def prepared(out: Path, raw: Path, images: str) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         source = raw_omniglot(raw, Path(tmp))
         if images == "lanczos":
-            prepare_omniglot(source, folder, cfg)
+            prepare_dataset("omniglot", source, folder, cfg)
         else:
             base = prepared(out, raw, "lanczos")
             work = folder.with_name(folder.name + ".tmp")

@@ -33,7 +33,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mamlops.malloc import keep_freed_memory
-from mamlops.meta.maml import MAMLConfig, init_meta_params, meta_loss, resolve_strategy
+from mamlops.meta.maml import MAMLConfig, meta_loss, resolve_strategy
+from mamlops.meta.mamlpp import init_meta_params
 from mamlops.meta.model import N_BLOCKS, ConvNetConfig
 
 PAPER_ITERS = 60_000  # cbfinn/maml Omniglot: --metatrain_iterations=60000

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from mamlops.data.episodes import TaskSampler, episode_tasks, load_bank, load_episodes
+from mamlops.data.splits import prepared_dataset
 
 
 def _time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -48,7 +49,9 @@ def main() -> None:
     print(f"load_bank(train): {tuple(bank.shape)} in {(time.perf_counter() - start) * 1e3:.0f} ms")
     print(f"torch threads: {torch.get_num_threads()}, device: {args.device}")
     for ways, shots in ((5, 1), (20, 5)):
-        sampler = TaskSampler(bank, ways, shots, query=15, seed=0)
+        sampler = TaskSampler(
+            bank, ways, shots, query=15, seed=0, dataset=prepared_dataset(args.prepared_dir)
+        )
         med, best = _time(lambda s=sampler: s.sample(args.tasks), args.repeats)
         print(
             f"sample {args.tasks} tasks {ways}w{shots}s/15q: {med:.2f} ms/batch (best {best:.2f})"

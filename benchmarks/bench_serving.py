@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from mamlops.classifier.classifier import Classifier
-from mamlops.classifier.export import export_onnx
+from mamlops.classifier.onnx_export import export_onnx
 from mamlops.classifier.onnx_predict import OnnxClassifier
 from mamlops.meta.model import ConvNetConfig, batch_stats, init_params
 

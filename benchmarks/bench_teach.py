@@ -38,12 +38,14 @@ from bench_serving import _rss_mib, mamlops_serve, percentiles
 
 from mamlops.classifier.adapt import MetaModel
 from mamlops.classifier.teach import TeachLimits, teach
-from mamlops.config import PrepareConfig, load_params
+from mamlops.config import PrepareConfig
 from mamlops.data import preprocess
-from mamlops.data.prepare import OMNIGLOT_SETS
-from mamlops.data.splits import Character, decode_class, make_omniglot_splits
+from mamlops.data.splits import decode_class
+from mamlops.datasets import omniglot
+from mamlops.datasets.omniglot import Character
 from mamlops.files import read_safetensors, write_safetensors
 from mamlops.meta.model import ConvNetConfig, init_params
+from mamlops.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR = Path(os.environ.get("MAMLOPS_DATA_MIRROR", ROOT.parent / "shared/data/omniglot"))
@@ -65,16 +67,16 @@ def unseen_characters(meta: Path, params: Path = ROOT / "params.yaml") -> list[l
     it never saw, for accuracy claims. Omniglot's evaluation alphabets are not that set: 236 of
     their 659 characters are in Vinyals' training and validation splits."""
     _, metadata = read_safetensors(meta)
-    prep = PrepareConfig.from_params(load_params(params))
+    prep = PrepareConfig.from_params(load_params(params)).keys["omniglot"]
     scheme = json.loads(metadata["train_config"]).get("split") or prep.splits[0]
-    zips = {s: zipfile.ZipFile(MIRROR / f"{folder}.zip") for s, folder in OMNIGLOT_SETS.items()}
+    zips = {s: zipfile.ZipFile(MIRROR / f"{folder}.zip") for s, folder in omniglot.SETS.items()}
     files: dict[Character, list[str]] = {}
     for set_name, zf in zips.items():
         for name in sorted(n for n in zf.namelist() if n.endswith(".png")):
             _, alphabet, character, _ = name.split("/")
             files.setdefault(Character(set_name, alphabet, character), []).append(name)
     characters = sorted(files)  # char_id order: set, alphabet, character
-    split = make_omniglot_splits(characters, scheme, prep.split_seed, prep.rotations)
+    split = omniglot.split(characters, scheme, prep.split_seed, prep.rotations)
     ids, ks = decode_class(np.asarray(split["test"]), prep.rotations)
     test = sorted({int(c) for c, k in zip(ids, ks, strict=True) if k == 0})
     out = [[zips[characters[c].set].read(n) for n in files[characters[c]]] for c in test]

@@ -62,13 +62,14 @@ except ModuleNotFoundError as exc:
         "pyyaml, and run with PYTHONPATH=/tmp/py (a system Python refuses plain pip install)"
     )
 
-from mamlops.config import EvaluateConfig, TrainConfig, load_params
+from mamlops.config import EvaluateConfig, TrainConfig
 from mamlops.data.episodes import TaskSampler
 from mamlops.files import write_json, write_text
-from mamlops.meta import maml
+from mamlops.meta import maml, mamlpp
 from mamlops.meta.checkpoint import load_theta, theta_file
 from mamlops.meta.model import ConvNetConfig
 from mamlops.meta.train import train
+from mamlops.params import load_params
 
 HISTORY_COLUMNS = ("step", "loss", "train_acc", "val_acc", "tasks_per_s")
 
@@ -153,7 +154,7 @@ def check_graph(device: torch.device) -> dict:
 
     The graph holds the meta-loss and its gradient with the step a device tensor (the
     multi-step weights computed inside it); eager computes them from the Python step. Adam's
-    tensor lr under the cosine schedule is checked against ``maml.cosine_meta_lr`` too."""
+    tensor lr under the cosine schedule is checked against ``mamlpp.cosine_meta_lr`` too."""
     out = {}
     model_cfg = ConvNetConfig.for_dataset("omniglot", 5)
     bank = torch.rand(40, 20, 1, 28, 28, dtype=torch.float64, device=device)
@@ -161,16 +162,16 @@ def check_graph(device: torch.device) -> dict:
         mcfg = maml.MAMLConfig(**{**maml.MAMLConfig().to_dict(), **keys, "strategy": "batched"})
         params = {
             k: v.to(device, torch.float64).requires_grad_(True)
-            for k, v in maml.init_meta_params(model_cfg, mcfg, torch.Generator().manual_seed(0))
+            for k, v in mamlpp.init_meta_params(model_cfg, mcfg, torch.Generator().manual_seed(0))
             .items()
         }  # fmt: skip
         gen = torch.Generator(device=device).manual_seed(0)
-        tasks = TaskSampler(bank, 5, 1, 3, generator=gen).sample(4)
+        tasks = TaskSampler(bank, 5, 1, 3, generator=gen, dataset="omniglot").sample(4)
         step_t = torch.zeros((), dtype=torch.float64, device=device)
         worst = 0.0
         graphs: dict[bool, tuple] = {}
         for it in CHECK_ITERATIONS:
-            fo = maml.use_first_order(mcfg, it)
+            fo = mamlpp.use_first_order(mcfg, it)
             loss, _ = maml.meta_loss(params, tasks, model_cfg, mcfg, step=it)
             eager = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             if fo not in graphs:
@@ -193,8 +194,8 @@ def check_graph(device: torch.device) -> dict:
                 worst = max(worst, float((e - g).abs().max() / e.abs().max().clamp_min(1e-30)))
         out[name] = worst
     steps = torch.arange(0, 1001, 50, dtype=torch.float32, device=device)
-    lr_t = maml.cosine_meta_lr(steps, 1000, 1e-3)
-    lr_f = torch.tensor([maml.cosine_meta_lr(int(s), 1000, 1e-3) for s in steps.tolist()])
+    lr_t = mamlpp.cosine_meta_lr(steps, 1000, 1e-3)
+    lr_f = torch.tensor([mamlpp.cosine_meta_lr(int(s), 1000, 1e-3) for s in steps.tolist()])
     out["cosine_lr"] = float((lr_t.cpu().double() - lr_f.double()).abs().max() / 1e-3)
     out["pass"] = all(v < 1e-9 for k, v in out.items() if k != "cosine_lr") and (
         out["cosine_lr"] < 1e-6

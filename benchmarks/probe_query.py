@@ -18,8 +18,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from mamlops.config import TrainConfig, load_params
+from mamlops.config import TrainConfig
 from mamlops.meta.train import train
+from mamlops.params import load_params
 
 
 def main() -> None:

@@ -59,7 +59,8 @@ def load_recipes(setting: str, only: list[str] | None) -> dict[str, dict]:
 def run(args: argparse.Namespace) -> None:
     """Queue one experiment per recipe (a rerun replaces a recipe's earlier result), run the
     queue one job at a time, wait for it."""
-    from mamlops.config import TrainConfig, load_params
+    from mamlops.config import TrainConfig
+    from mamlops.params import load_params
 
     params = load_params(ROOT / "params.yaml")
     base = TrainConfig.from_params(params, args.setting)

@@ -7,10 +7,11 @@ results/<setting>.json, plots/eval/<setting>.csv, plots/episodes/<setting>.png)
 
 from pathlib import Path
 
-from mamlops.config import EvaluateConfig, TrainConfig, load_params
+from mamlops.config import EvaluateConfig, TrainConfig
 from mamlops.errors import reported, stage_args
 from mamlops.malloc import keep_freed_memory
 from mamlops.meta.evaluate import evaluate_stage
+from mamlops.params import load_params
 
 if __name__ == "__main__":
     setting, *paths = stage_args(

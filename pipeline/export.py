@@ -9,8 +9,9 @@ checked against PyTorch and registered in MLflow.
 from pathlib import Path
 
 from mamlops.classifier.export import export_stage
-from mamlops.config import ExportConfig, TrainConfig, load_params
+from mamlops.config import ExportConfig, TrainConfig
 from mamlops.errors import reported, stage_args
+from mamlops.params import load_params
 
 if __name__ == "__main__":
     setting, *paths = stage_args("SETTING", "PREPARED", "MODEL_DIR", "EVAL_METRICS", "METRICS")

@@ -7,9 +7,10 @@ params.yaml's data.miniimagenet_dir)
 
 from pathlib import Path
 
-from mamlops.config import DataConfig, PrepareConfig, load_params
+from mamlops.config import DataConfig, PrepareConfig
 from mamlops.data.prepare import prepare_stage
 from mamlops.errors import reported, stage_args
+from mamlops.params import load_params
 
 if __name__ == "__main__":
     dataset, raw_omniglot, out = stage_args("DATASET", "RAW_OMNIGLOT", "OUT")

@@ -7,10 +7,11 @@ metrics/train/<setting>.json, plots/{train,val}/<setting>.tsv, plots/curves/<set
 
 from pathlib import Path
 
-from mamlops.config import TrainConfig, load_params
+from mamlops.config import TrainConfig
 from mamlops.errors import reported, stage_args
 from mamlops.malloc import keep_freed_memory
-from mamlops.meta.train import train_stage
+from mamlops.meta.train_stage import train_stage
+from mamlops.params import load_params
 
 if __name__ == "__main__":
     setting, *paths = stage_args(

@@ -8,7 +8,7 @@ served by the tracking server itself (``--artifacts-destination``).
 Uses Debian's ``postgresql`` package (``apt-get install postgresql``) and ``psycopg2-binary``
 (the ``server`` extra). The database lives in ``.tracking/`` (git-ignored), listens on
 127.0.0.1 only and trusts local connections: a shared server needs a password in the backend
-URI, TLS in front, and ``mlflow server --app-name basic-auth`` (README, "Team tracking").
+URI, TLS in front, and ``mlflow server --app-name basic-auth`` (docs/teams.md).
 PostgreSQL refuses to run as root; as root its commands run as the ``postgres`` user.
 """
 
@@ -144,9 +144,10 @@ def log_tiny_run(prepared: Path, work: Path, setting: str = "tiny-team") -> None
     """Train, evaluate and export a tiny setting through the stages' own library calls; they
     log to whatever ``MLFLOW_TRACKING_URI`` names."""
     from mamlops.classifier.export import export_stage
-    from mamlops.config import EvaluateConfig, ExportConfig, Layout, TrainConfig
+    from mamlops.config import EvaluateConfig, ExportConfig, TrainConfig
+    from mamlops.layout import Layout
     from mamlops.meta.evaluate import evaluate_stage
-    from mamlops.meta.train import train_stage
+    from mamlops.meta.train_stage import train_stage
 
     tiny = {
         "dataset": "omniglot", "ways": 5, "shots": 1, "query": 2, "meta_batch": 2,

@@ -29,10 +29,11 @@ import uvicorn
 from PIL import Image
 
 from mamlops.classifier.classifier import Classifier
-from mamlops.config import PrepareConfig, load_params
+from mamlops.config import PrepareConfig
 from mamlops.data import preprocess
-from mamlops.data.prepare import prepare_omniglot
+from mamlops.data.prepare import prepare_dataset
 from mamlops.meta.model import ConvNetConfig, batch_stats, init_params
+from mamlops.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT_ZIPS = ("images_background.zip", "images_evaluation.zip")
@@ -81,7 +82,7 @@ def omniglot_prepared(
 ) -> Path:
     """Omniglot prepared with the repository's params (Vinyals split, 28x28)."""
     out = tmp_path_factory.mktemp("prepared") / "omniglot"
-    prepare_omniglot(omniglot_raw, out, PrepareConfig.from_params(repo_params))
+    prepare_dataset("omniglot", omniglot_raw, out, PrepareConfig.from_params(repo_params))
     return out
 
 

@@ -140,7 +140,7 @@ def test_train_with_another_params_file(omniglot_prepared: Path, tmp_path, monke
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict:
     """A classifier file, its ONNX export and query images written as PNG files."""
-    from mamlops.classifier.export import export_onnx
+    from mamlops.classifier.onnx_export import export_onnx
 
     root = tmp_path_factory.mktemp("cli-model")
     clf, queries = build_classifier()
@@ -355,6 +355,70 @@ def test_check_is_the_preflight(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     dead = runner.invoke(app, ["check", "--params", str(REPO / "params.yaml")])
     _one_line_error(dead, "does not answer")
+
+
+def test_check_judges_the_presets_that_will_run(tmp_path, monkeypatch) -> None:
+    """Issue 25 #6: ``processes: 16`` fits the trained omniglot-5w1s (meta_batch 32); the
+    untrained omniglot-20w1s (meta_batch 8) does not matter until a run picks it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["common"]["processes"] = 16
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "presets.yaml").write_text((REPO / "presets.yaml").read_text())
+    ok = runner.invoke(app, ["check", "--params", str(tmp_path / "params.yaml")])
+    assert ok.exit_code == 0 and "trains omniglot-5w1s" in ok.output, ok.output
+    picked = runner.invoke(
+        app, ["train", "omniglot-20w1s", "--params", str(tmp_path / "params.yaml")]
+    )
+    _one_line_error(picked, "omniglot-20w1s", "meta_batch 8 does not split over 16")
+
+
+def test_params_that_are_not_utf8_are_one_line(tmp_path) -> None:
+    """Issue 25 #7: a params.yaml saved in Latin-1 was a Rich traceback (UnicodeDecodeError)."""
+    text = (REPO / "params.yaml").read_text() + "# r\u00e9glages\n"
+    (tmp_path / "params.yaml").write_bytes(text.encode("latin-1"))
+    result = runner.invoke(app, ["check", "--params", str(tmp_path / "params.yaml")])
+    _one_line_error(result, str(tmp_path / "params.yaml"), "not UTF-8", "save it as UTF-8")
+
+
+def test_check_reaches_a_tracking_server_behind_basic_auth(tmp_path, monkeypatch) -> None:
+    """Issue 25 #5: ``http://user:password@host`` was resolved with the userinfo as the host
+    name (``Name or service not known``); MLflow's client sends it as Basic auth, and so does
+    the health check now. The password is never printed."""
+    import base64
+    import http.server
+    import threading
+
+    seen: list[str | None] = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            good = "Basic " + base64.b64encode(b"me:pa ss").decode()
+            ok = self.path == "/health" and self.headers.get("Authorization") == good
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://me:pa%20ss@127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        ok = runner.invoke(app, ["check", "--params", str(REPO / "params.yaml")])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert ok.exit_code == 0, ok.output
+    assert "tracking store http://***@127.0.0.1" in ok.output
+    assert "pa ss" not in ok.output and "pa%20ss" not in ok.output
+    assert seen == ["Basic " + base64.b64encode(b"me:pa ss").decode()]
 
 
 def test_unknown_preset_names_the_known_ones(tmp_path) -> None:

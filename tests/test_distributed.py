@@ -23,8 +23,7 @@ from safetensors.torch import load_file
 
 from mamlops.config import TrainConfig
 from mamlops.data.episodes import TaskSampler, load_bank
-from mamlops.meta import distributed, maml
-from mamlops.meta.model import ConvNetConfig
+from mamlops.meta import distributed, mamlpp
 from mamlops.meta.train import train
 
 TINY = {
@@ -42,9 +41,7 @@ def params_for(processes: int) -> dict:
 
 def relative_update_difference(a: Path, b: Path, cfg: TrainConfig) -> float:
     """|| (theta_a - theta_0) - (theta_b - theta_0) || / || theta_b - theta_0 ||."""
-    init = maml.init_meta_params(
-        ConvNetConfig.for_dataset(cfg.dataset, cfg.ways), cfg.maml, torch.Generator().manual_seed(3)
-    )
+    init = mamlpp.init_meta_params(cfg.network, cfg.maml, torch.Generator().manual_seed(3))
     ta, tb = load_file(str(a)), load_file(str(b))
     assert ta.keys() == tb.keys() == init.keys()
     da = torch.cat([(ta[k] - init[k]).flatten() for k in init])
@@ -74,8 +71,8 @@ def test_a_shard_is_the_slice_of_the_whole_draw(omniglot_prepared: Path) -> None
     """Each process draws the whole meta-batch's random numbers and keeps its slice: the same
     tasks as one process, and the generator ends in the same state."""
     bank = load_bank(omniglot_prepared, "train")
-    whole = TaskSampler(bank, 5, 1, 2, seed=7)
-    half = TaskSampler(bank, 5, 1, 2, seed=7)
+    whole = TaskSampler(bank, 5, 1, 2, seed=7, dataset="omniglot")
+    half = TaskSampler(bank, 5, 1, 2, seed=7, dataset="omniglot")
     world = distributed.World(rank=1, size=2)
     a, b = whole.sample(8), half.sample(8, world.shard(8))
     assert len(b) == 4
@@ -133,8 +130,8 @@ RUNNER = """
 import json, sys
 from pathlib import Path
 import torch
-from mamlops import distributed
 from mamlops.config import TrainConfig
+from mamlops.meta import distributed
 from mamlops.meta.train import train
 cfg = TrainConfig.from_params(json.loads(sys.argv[1]), "tiny")
 with distributed.process_group(torch.device("cpu")) as (world, device):

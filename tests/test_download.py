@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mamlops.config import DataConfig, load_params
+from mamlops.config import DataConfig
 from mamlops.data import download
 from mamlops.data.download import DataError, fetch_omniglot, resolve_mirror, verify_omniglot
-from mamlops.urls import redact
+from mamlops.params import load_params
+from mamlops.urls import join, redact
 
 MIRROR = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 REPO = Path(__file__).resolve().parents[1]
@@ -373,6 +374,20 @@ def test_pipeline_stage_keeps_verified_copy(
     assert "kept (already verified)" in out
     assert "images_evaluation: 659 characters, 13180 images" in out
     assert "miniimagenet: not configured" in out
+
+
+def test_a_mirror_url_with_a_query_keeps_its_path_and_query(tmp_path: Path, serve) -> None:
+    """Issue 25 #10: ``http://host/omniglot?token=...`` fetched ``http://host/images_...zip``
+    (urljoin dropped the folder and the token). Now the file is asked for inside the folder,
+    with the query."""
+    _QuietHandler.requested.clear()
+    base = serve(MIRROR.parent) + MIRROR.name + "?token=abc%2Fd"
+    kind, folder = download._source(base)
+    assert (kind, folder) == ("url", base.replace("?", "/?"))
+    zipped = download._fetch_zip(kind, folder, EVAL_ZIP, tmp_path, progress=False)
+    assert _QuietHandler.requested == [f"/{MIRROR.name}/{EVAL_ZIP}?token=abc%2Fd"]
+    assert zipped.read_bytes() == (MIRROR / EVAL_ZIP).read_bytes()
+    assert join("https://h/o/", "a b.zip") == "https://h/o/a%20b.zip"
 
 
 def test_mirror_credentials_are_sent_as_basic_auth_and_never_shown(tmp_path: Path) -> None:

@@ -117,7 +117,7 @@ def test_episode_tasks_match_the_files(omniglot_prepared: Path, test_bank: torch
 
 @pytest.mark.parametrize(("ways", "shots", "query"), [(5, 1, 15), (20, 5, 15), (5, 5, 5)])
 def test_sampler_shapes_and_labels(train_bank: torch.Tensor, ways: int, shots: int, query: int):
-    tasks = TaskSampler(train_bank, ways, shots, query, seed=0).sample(6)
+    tasks = TaskSampler(train_bank, ways, shots, query, seed=0, dataset="omniglot").sample(6)
     assert tasks.xs.shape == (6, ways * shots, 1, 28, 28) and tasks.xs.dtype == torch.float32
     assert tasks.xq.shape == (6, ways * query, 1, 28, 28)
     assert tasks.ys.shape == (6, ways * shots) and tasks.ys.dtype == torch.int64
@@ -129,22 +129,22 @@ def test_sampler_shapes_and_labels(train_bank: torch.Tensor, ways: int, shots: i
 
 
 def test_sampler_draws_distinct_classes_and_disjoint_images(train_bank: torch.Tensor) -> None:
-    tasks = TaskSampler(train_bank, 20, 5, 15, seed=1).sample(4)
+    tasks = TaskSampler(train_bank, 20, 5, 15, seed=1, dataset="omniglot").sample(4)
     flat = torch.cat([tasks.xs, tasks.xq], dim=1).flatten(2)  # [T, 400, 784]
     for t in range(4):
         assert len({tuple(row.tolist()) for row in flat[t, ::1]}) > 390  # ~all images distinct
 
 
 def test_sampler_is_deterministic(train_bank: torch.Tensor) -> None:
-    a = TaskSampler(train_bank, 5, 1, 15, seed=7).sample(8)
-    b = TaskSampler(train_bank, 5, 1, 15, seed=7).sample(8)
-    c = TaskSampler(train_bank, 5, 1, 15, seed=8).sample(8)
+    a = TaskSampler(train_bank, 5, 1, 15, seed=7, dataset="omniglot").sample(8)
+    b = TaskSampler(train_bank, 5, 1, 15, seed=7, dataset="omniglot").sample(8)
+    c = TaskSampler(train_bank, 5, 1, 15, seed=8, dataset="omniglot").sample(8)
     g = torch.Generator().manual_seed(7)
-    d = TaskSampler(train_bank, 5, 1, 15, generator=g).sample(8)
+    d = TaskSampler(train_bank, 5, 1, 15, generator=g, dataset="omniglot").sample(8)
     torch.testing.assert_close(a.xs, b.xs, rtol=0, atol=0)
     torch.testing.assert_close(a.xq, d.xq, rtol=0, atol=0)
     assert not torch.equal(a.xs, c.xs)
-    sampler = TaskSampler(train_bank, 5, 1, 15, seed=7)
+    sampler = TaskSampler(train_bank, 5, 1, 15, seed=7, dataset="omniglot")
     assert not torch.equal(sampler.sample(8).xs, sampler.sample(8).xs)  # the stream moves on
     assert a.to("cpu").xs.data_ptr() != 0
 
@@ -159,7 +159,7 @@ def test_sampler_is_deterministic(train_bank: torch.Tensor) -> None:
 )
 def test_sampler_rejects_impossible_tasks(train_bank, ways, shots, query, message) -> None:
     with pytest.raises(ValueError, match=message):
-        TaskSampler(train_bank, ways, shots, query)
+        TaskSampler(train_bank, ways, shots, query, dataset="omniglot")
 
 
 # --------------------------------------------------------------------------- reference tasks
@@ -181,17 +181,17 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def test_distinct_character_tasks_take_one_rotation_of_each_character() -> None:
     """group=4: the reference code's tasks, N distinct characters at random rotations."""
     bank = _coded_bank(4 * 30)
-    tasks = TaskSampler(bank, 20, 1, 1, seed=0, group=4).sample(200)
+    tasks = TaskSampler(bank, 20, 1, 1, seed=0, group=4, dataset="omniglot").sample(200)
     rows = _rows(tasks.xs)  # [T, 20]
     assert (rows == _rows(tasks.xq)).all()  # support and query of a class: the same row
     chars = rows // 4
     assert all(len(set(c.tolist())) == 20 for c in chars)  # never one character twice
     assert set((rows % 4).flatten().tolist()) == {0, 1, 2, 3}  # every rotation drawn
     # the plain sampler puts one character in two rotations in most 20-way tasks of this bank
-    plain = _rows(TaskSampler(bank, 20, 1, 1, seed=0).sample(200).xs) // 4
+    plain = _rows(TaskSampler(bank, 20, 1, 1, seed=0, dataset="omniglot").sample(200).xs) // 4
     assert sum(len(set(c.tolist())) < 20 for c in plain) > 100
     with pytest.raises(ValueError, match="30-way tasks need 30 classes, the split has 25"):
-        TaskSampler(_coded_bank(100), 30, 1, 1, group=4)
+        TaskSampler(_coded_bank(100), 30, 1, 1, group=4, dataset="omniglot")
 
 
 def test_character_groups_of_the_prepared_splits(omniglot_prepared: Path) -> None:
@@ -226,9 +226,9 @@ def test_within_alphabet_episodes(omniglot_prepared: Path) -> None:
 
 
 def test_affine_augmentation_warps_each_image_reproducibly(train_bank: torch.Tensor) -> None:
-    plain = TaskSampler(train_bank, 5, 1, 3, seed=4).sample(6)
-    a = TaskSampler(train_bank, 5, 1, 3, seed=4, augment="affine").sample(6)
-    b = TaskSampler(train_bank, 5, 1, 3, seed=4, augment="affine").sample(6)
+    plain = TaskSampler(train_bank, 5, 1, 3, seed=4, dataset="omniglot").sample(6)
+    a = TaskSampler(train_bank, 5, 1, 3, seed=4, augment="affine", dataset="omniglot").sample(6)
+    b = TaskSampler(train_bank, 5, 1, 3, seed=4, augment="affine", dataset="omniglot").sample(6)
     torch.testing.assert_close(a.xs, b.xs, rtol=0, atol=0)
     assert a.xs.shape == plain.xs.shape and not torch.equal(a.xs, plain.xs)
     assert float(a.xs.min()) >= 0.0 and float(a.xs.max()) <= 1.0
@@ -237,14 +237,16 @@ def test_affine_augmentation_warps_each_image_reproducibly(train_bank: torch.Ten
     ink_a, ink_p = a.xq.sum(dim=(2, 3, 4)), plain.xq.sum(dim=(2, 3, 4))
     assert ((ink_a / ink_p - 1).abs() < 0.35).all()
     # a shard draws the same numbers as the whole meta-batch (torchrun)
-    half = TaskSampler(train_bank, 5, 1, 3, seed=4, augment="affine").sample(6, slice(3, 6))
+    half = TaskSampler(train_bank, 5, 1, 3, seed=4, augment="affine", dataset="omniglot").sample(
+        6, slice(3, 6)
+    )
     torch.testing.assert_close(half.xq, a.xq[3:6], rtol=0, atol=0)
 
 
 def test_alphabet_tasks_take_characters_of_one_alphabet_at_one_rotation() -> None:
     bank = _coded_bank(4 * 30)
     alphabets = np.array(["a"] * 12 + ["b"] * 4 + ["c"] * 14)  # "b" is too small for 5-way
-    sampler = TaskSampler(bank, 5, 1, 2, seed=3, group=4, alphabets=alphabets)
+    sampler = TaskSampler(bank, 5, 1, 2, seed=3, group=4, alphabets=alphabets, dataset="omniglot")
     rows = _rows(sampler.sample(300).xs)
     for task in rows:
         chars = (task // 4).tolist()
@@ -253,7 +255,7 @@ def test_alphabet_tasks_take_characters_of_one_alphabet_at_one_rotation() -> Non
     scripts = {alphabets[int(task[0]) // 4] for task in rows}
     assert scripts == {"a", "c"}
     with pytest.raises(Exception, match="no alphabet has 15 characters"):
-        TaskSampler(bank, 15, 1, 2, group=4, alphabets=alphabets)
+        TaskSampler(bank, 15, 1, 2, group=4, alphabets=alphabets, dataset="omniglot")
 
 
 def test_character_alphabets_of_the_official_split(omniglot_prepared: Path) -> None:

@@ -15,7 +15,6 @@ from mamlops.data.episodes import episode_tasks, load_episodes
 from mamlops.meta.checkpoint import load_theta
 from mamlops.meta.evaluate import evaluate_setting, mean_ci95, predict_tasks
 from mamlops.meta.figures import episode_grid, steps_rows, write_steps_csv
-from mamlops.meta.model import ConvNetConfig
 
 N_EPISODES = 100
 
@@ -77,7 +76,7 @@ def test_episode_grid_and_steps_csv(theta, trained_theta, result: dict, tmp_path
     cfg = trained_theta.cfg
     episodes = load_episodes(trained_theta.prepared, "test", cfg.ways, cfg.shots)
     tasks = episode_tasks(trained_theta.prepared, episodes, 0, 3)
-    model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
+    model_cfg = cfg.network
     preds = predict_tasks(theta, tasks, model_cfg, cfg.test_inner_steps, cfg.inner_lr)
     assert preds.shape == tasks.yq.shape
     assert (preds == tasks.yq).float().mean() > 0.4

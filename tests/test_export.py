@@ -17,8 +17,9 @@ from conftest import build_classifier, to_tensor
 from PIL import Image
 
 from mamlops.classifier.classifier import Classifier
-from mamlops.classifier.export import DEFAULT_OPSET, export_onnx, onnx_bytes
+from mamlops.classifier.onnx_export import export_onnx, onnx_bytes
 from mamlops.classifier.onnx_predict import OnnxClassifier
+from mamlops.config import DEFAULT_OPSET
 from mamlops.meta.model import ConvNetConfig, batch_stats, forward, forward_folded, init_params
 
 ATOL = 1e-5

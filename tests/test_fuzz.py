@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mamlops.classifier.classifier import Classifier
-from mamlops.classifier.export import export_onnx
+from mamlops.classifier.onnx_export import export_onnx
 from mamlops.classifier.onnx_predict import OnnxClassifier
 from mamlops.data.preprocess import ImageError, read_image
 from mamlops.errors import UserError

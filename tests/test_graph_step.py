@@ -17,8 +17,7 @@ from mamlops.config import TrainConfig
 from mamlops.data.episodes import load_bank
 from mamlops.data.splits import resolve_scheme
 from mamlops.errors import UserError
-from mamlops.meta import graph_step, maml
-from mamlops.meta.model import ConvNetConfig
+from mamlops.meta import graph_step, maml, mamlpp
 from mamlops.meta.train import train, training_sampler
 
 MAMLPP = {  # every step-dependent value at once: cosine lr, both annealings, LSLR, clipping
@@ -36,13 +35,13 @@ MAMLPP = {  # every step-dependent value at once: cosine lr, both annealings, LS
 def test_device_schedules_equal_the_host_ones() -> None:
     steps = torch.arange(0, 130, dtype=torch.float32)
     for total in (1, 100, 125):
-        on_device = maml.cosine_meta_lr(steps, total, 1e-3)
-        on_host = torch.tensor([maml.cosine_meta_lr(int(s), total, 1e-3) for s in steps])
+        on_device = mamlpp.cosine_meta_lr(steps, total, 1e-3)
+        on_host = torch.tensor([mamlpp.cosine_meta_lr(int(s), total, 1e-3) for s in steps])
         torch.testing.assert_close(on_device, on_host, rtol=1e-6, atol=1e-9)  # 1e-6 of base
     for inner, anneal in ((2, 4), (5, 100), (3, 0), (1, 10)):
         for it in (0, 1, 3, 4, 50, 100, 200):
-            host = maml.multi_step_weights(inner, it, anneal)
-            device = maml.multi_step_weights(inner, torch.tensor(float(it)), anneal)
+            host = mamlpp.multi_step_weights(inner, it, anneal)
+            device = mamlpp.multi_step_weights(inner, torch.tensor(float(it)), anneal)
             torch.testing.assert_close(device, torch.tensor(host), rtol=1e-6, atol=1e-9)
             assert abs(float(device.sum()) - 1.0) < 1e-6
 
@@ -82,10 +81,10 @@ def run_both(cfg: TrainConfig, prepared: Path) -> tuple[dict, dict]:
     """theta after ``cfg.iterations`` in float64, from the same init and tasks: ``GraphStep``
     run without capture (device-valued lr, step and loss weights) and the textbook eager loop
     (Python values, as ``train`` computes them: the oracle)."""
-    model_cfg = ConvNetConfig.for_dataset(cfg.dataset, cfg.ways)
+    model_cfg = cfg.network
     scheme = resolve_scheme(prepared, cfg.split)
     bank = load_bank(prepared, "train", scheme)
-    init = maml.init_meta_params(model_cfg, cfg.maml, torch.Generator().manual_seed(cfg.seed))
+    init = mamlpp.init_meta_params(model_cfg, cfg.maml, torch.Generator().manual_seed(cfg.seed))
 
     def setup():
         gen = graph_step.sampler_generator(torch.device("cpu"), cfg.seed)
@@ -107,7 +106,7 @@ def run_both(cfg: TrainConfig, prepared: Path) -> tuple[dict, dict]:
     for i in range(cfg.iterations):
         for group in opt.param_groups:
             group["lr"] = (
-                maml.cosine_meta_lr(i, cfg.iterations, cfg.meta_lr)
+                mamlpp.cosine_meta_lr(i, cfg.iterations, cfg.meta_lr)
                 if cfg.cosine_meta_lr
                 else cfg.meta_lr
             )
@@ -116,7 +115,7 @@ def run_both(cfg: TrainConfig, prepared: Path) -> tuple[dict, dict]:
         opt.zero_grad()
         loss.backward()
         if cfg.grad_clip:
-            maml.clip_meta_grad(oracle, cfg.grad_clip)
+            mamlpp.clip_meta_grad(oracle, cfg.grad_clip)
         opt.step()
     return ours, oracle
 
@@ -134,8 +133,8 @@ def test_the_device_valued_iteration_trains_as_the_eager_loop(
     assert ours.keys() == oracle.keys()
     for k in ours:
         torch.testing.assert_close(ours[k], oracle[k], rtol=1e-7, atol=1e-9, msg=k)
-    init = maml.init_meta_params(
-        ConvNetConfig.for_dataset(cfg.dataset, cfg.ways), cfg.maml,
+    init = mamlpp.init_meta_params(
+        cfg.network, cfg.maml,
         torch.Generator().manual_seed(cfg.seed),
     )  # fmt: skip
     moved = max(float((ours[k].detach() - v.double()).abs().max()) for k, v in init.items())

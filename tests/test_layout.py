@@ -1,11 +1,16 @@
 """dvc.yaml cannot drift from the code: each stage depends on exactly the modules it imports,
-and passes the paths the CLI uses by default (``config.Layout``).
+and passes the paths the CLI uses by default (``layout.Layout``).
 
 A stage whose deps miss a module it imports is silently reused by ``dvc repro`` after that
 module changed (stale outputs); so each stage's deps must list every module of
 ``src/mamlops`` in the transitive import closure of its script, imports inside functions
 included. Modules that cannot change an output are left out on purpose (``NO_OUTPUT_EFFECT``);
 listing a module the stage does not import is an error too (needless re-runs).
+
+The package's layers (docs/design.md) are folders, and the imports must respect them: base
+modules at the top level, then ``data/``, ``meta/``, ``classifier/``, ``serving/``, and the
+entry points; a module imports its own layer or those below, with no cycle, and no module grows
+past one idea's size.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import yaml
 from conftest import REPO
 
 from mamlops import code
-from mamlops.config import Layout
+from mamlops.layout import Layout
 
 PKG = REPO / "src" / "mamlops"
 STAGES = ("download", "prepare", "train", "evaluate", "export")
@@ -35,7 +40,7 @@ def stage(name: str, dvc: dict | None = None) -> dict:
 def listed_modules(deps: list[str]) -> set[str]:
     prefix = "src/mamlops/"
     return {
-        d[len(prefix) : -3].replace("/", ".")
+        d[len(prefix) : -3].removesuffix("/__init__").replace("/", ".")
         for d in deps
         if d.startswith(prefix) and d.endswith(".py")
     }
@@ -80,3 +85,80 @@ def test_command_lines_use_the_cli_paths() -> None:
     assert _cmd_args("train", s, d) == [s, *map(str, lay.train_paths(s, d))]
     assert _cmd_args("evaluate", s, d) == [s, *map(str, lay.evaluate_paths(s, d))]
     assert _cmd_args("export", s, d) == [s, *map(str, lay.export_paths(s, d))]
+
+
+# ----------------------------------------------------------------------------- layers
+
+# bottom up: a module may import its own layer and the ones below it, never one above
+LAYERS = ("base", "data", "meta", "classifier", "serving", "entry")
+BASE = {
+    "config",
+    "schema",
+    "params",
+    "hardware",
+    "layout",
+    "datasets",
+    "errors",
+    "files",
+    "urls",
+    "malloc",
+    "tracking",
+    "code",
+}
+ENTRY = {"cli", "report", "__main__", "__init__"}
+MAX_LINES = 450  # one idea per module; past this a module holds two
+
+
+def layer(name: str) -> str:
+    """``data.episodes`` -> ``data``; a top-level module is base or an entry point."""
+    head = name.split(".")[0]
+    if head in LAYERS:
+        return head
+    if head in ENTRY or head.startswith("cli"):
+        return "entry"
+    assert head in BASE, f"src/mamlops/{head}: a new top-level module; give it a layer here"
+    return "base"
+
+
+def modules() -> dict[str, Path]:
+    return {code.module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def upward_imports(found: dict[str, Path]) -> list[str]:
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    return sorted(
+        f"{name} ({layer(name)}) imports {dep} ({layer(dep)})"
+        for name, path in found.items()
+        for dep in imported_modules(path)
+        if rank[layer(dep)] > rank[layer(name)]
+    )
+
+
+def test_no_module_imports_a_layer_above_its_own() -> None:
+    assert upward_imports(modules()) == []
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path: Path) -> None:
+    bad = tmp_path / "episodes.py"
+    bad.write_text("def f():\n    from mamlops.serving import serve\n")
+    assert upward_imports({"data.episodes": bad})
+
+
+def test_the_import_graph_has_no_cycle() -> None:
+    graph = {name: imported_modules(path) - {name} for name, path in modules().items()}
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for dep in graph.get(name, ()):
+                visit(dep, (*path, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())
+
+
+def test_no_module_is_over_the_size_of_one_idea() -> None:
+    sizes = {n: len(p.read_text().splitlines()) for n, p in modules().items()}
+    assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}

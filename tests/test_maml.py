@@ -10,21 +10,35 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamlops.config import MAMLConfig, TrainConfig, load_params
+from mamlops.config import MAMLConfig, TrainConfig
+from mamlops.meta.keys import (
+    adapted_names,
+    bn_scale_key,
+    bn_shift_key,
+    conv_key,
+    is_lr_key,
+    is_step_bn,
+    learned_lrs,
+    lr_key,
+    lr_target,
+    network_weights,
+)
 from mamlops.meta.maml import (
     BATCHED_CPU_MAX_ACTIVATIONS,
     adapt,
-    adapted_names,
+    evaluate_tasks,
+    meta_loss,
+    resolve_strategy,
+)
+from mamlops.meta.mamlpp import (
     clip_meta_grad,
     cosine_meta_lr,
-    evaluate_tasks,
     init_meta_params,
-    meta_loss,
     multi_step_weights,
-    resolve_strategy,
     use_first_order,
 )
 from mamlops.meta.model import ConvNetConfig, batch_stats, forward
+from mamlops.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,6 +212,23 @@ def test_zero_inner_steps_is_plain_training(strategy):
     want = torch.autograd.grad(loss, list(params.values()))
     for k, w in zip(params, want, strict=True):
         torch.testing.assert_close(g[k], w, rtol=1e-12, atol=1e-14)
+
+
+def test_theta_key_helpers_spell_the_checkpoint_names():
+    """keys is the one spelling of theta's names; the literal names here are the on-disk format
+    (checkpoints and theta files written before must still read the same)."""
+    params = _meta_params(STRIDED, MAMLPP)
+    assert lr_key("conv0.weight") == "lr.conv0.weight" and is_lr_key("lr.conv0.weight")
+    assert lr_target("lr.conv0.weight") == "conv0.weight" and not is_lr_key("conv0.weight")
+    assert (conv_key(1), bn_scale_key(1), bn_shift_key(1)) == (
+        "conv1.weight",
+        "bn1.weight",
+        "bn1.bias",
+    )
+    assert list(network_weights(params)) == [k for k in params if not k.startswith("lr.")]
+    assert list(learned_lrs(params)) == [k for k in params if k.startswith("lr.")]
+    assert is_step_bn("bn0.bias", params["bn0.bias"])  # per-step BN: [steps + 1, C]
+    assert not is_step_bn("conv0.weight", params["conv0.weight"])
 
 
 def test_learned_inner_lrs_get_gradient():

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mamlops.data import miniimagenet
 from mamlops.data.download import DataError
+from mamlops.datasets import miniimagenet
 
 
 def _jpeg(path: Path) -> None:

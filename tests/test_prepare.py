@@ -14,16 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mamlops.config import ParamsError, PrepareConfig
-from mamlops.data.prepare import prepare_miniimagenet, read_classes, staged_dir
+from mamlops.config import PrepareConfig
+from mamlops.data.prepare import prepare_dataset, read_classes, staged_dir
 from mamlops.data.preprocess import load_image, to_float, to_float_numpy
-from mamlops.data.splits import (
-    Character,
-    decode_class,
-    make_omniglot_splits,
-    read_splits,
-    vinyals_lines,
-)
+from mamlops.data.splits import decode_class, read_splits
+from mamlops.datasets.omniglot import Character, vinyals_lines
+from mamlops.datasets.omniglot import split as make_omniglot_splits
+from mamlops.errors import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -263,10 +260,13 @@ def test_miniimagenet_prepare_shapes_and_order_on_generated_jpegs(
     cfg = PrepareConfig.from_params(repo_params)
     cfg = dataclasses.replace(
         cfg,
-        miniimagenet_settings=((2, 1),),
+        keys={
+            **cfg.keys,
+            "miniimagenet": dataclasses.replace(cfg.keys["miniimagenet"], settings=((2, 1),)),
+        },
         episodes=dataclasses.replace(cfg.episodes, query=2, count=3, val_count=3),
     )
-    summary = prepare_miniimagenet(src, tmp_path / "out", cfg, csv_dir=csvs, workers=1)
+    summary = prepare_dataset("miniimagenet", src, tmp_path / "out", cfg, workers=1, csv_dir=csvs)
     images = np.load(tmp_path / "out" / "images.npy")
     assert images.shape == (6, 4, 84, 84, 3) and images.dtype == np.uint8
     rows = read_classes(tmp_path / "out")

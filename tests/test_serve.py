@@ -12,9 +12,10 @@ import pytest
 from conftest import ThreadServer, build_classifier, mlflow_models_serve, to_tensor
 from PIL import Image
 
-from mamlops.classifier.export import export_onnx
+from mamlops.classifier.onnx_export import export_onnx
 from mamlops.classifier.onnx_predict import OnnxClassifier
-from mamlops.serving.serve import MAX_FILES, create_app
+from mamlops.serving.serve import create_app
+from mamlops.serving.uploads import MAX_FILES
 
 LIMIT = 64 * 1024
 

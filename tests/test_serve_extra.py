@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO, build_classifier, free_port, http_process
 
 import mamlops
-from mamlops.classifier.export import export_onnx
+from mamlops.classifier.onnx_export import export_onnx
 from mamlops.classifier.onnx_predict import OnnxClassifier
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -138,7 +138,7 @@ def test_classifiers_survive_a_restart_and_delete(server, drawings, trained_thet
         assert other.get(f"/classifiers/{cid}").json()["provenance"]["shots_per_class"] == (
             dict.fromkeys(drawings["labels"], 2)
         )
-        assert not app.state.store._cache  # listing reads info.json, loads no session
+        assert not app.state.teacher.store._cache  # listing reads info.json, loads no session
         after = other.post(f"/classifiers/{cid}/predict", files=query_files(drawings)).json()
         assert after == before
         assert other.delete(f"/classifiers/{cid}").status_code == 204
@@ -243,7 +243,7 @@ def test_not_multipart_and_empty_bodies(server) -> None:
 def test_a_server_without_meta_model_says_how_to_teach(tmp_path, drawings) -> None:
     from conftest import build_classifier
 
-    from mamlops.classifier.export import export_onnx
+    from mamlops.classifier.onnx_export import export_onnx
 
     export_onnx(build_classifier()[0], tmp_path / "fixed.onnx")
     with ThreadServer(create_app(tmp_path / "fixed.onnx")) as url:

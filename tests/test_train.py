@@ -15,10 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from mamlops import tracking
-from mamlops.config import ParamsError, TrainConfig
+from mamlops.config import TrainConfig
+from mamlops.errors import ParamsError
 from mamlops.meta import maml
 from mamlops.meta import train as train_mod
-from mamlops.meta.train import NonFiniteLossError, train, write_history
+from mamlops.meta.train import NonFiniteLossError, train
+from mamlops.meta.train_stage import TRAIN_COLUMNS, VAL_COLUMNS, write_history
 
 TINY = {
     "dataset": "omniglot",
@@ -106,8 +108,8 @@ def test_history_tsv_for_dvc_plots(omniglot_prepared: Path, tmp_path: Path) -> N
     result = train(
         tiny_cfg(iterations=6), omniglot_prepared, tmp_path, tmp_path / "ck", progress=False
     )
-    write_history(result.history, tmp_path / "t.tsv", train_mod.TRAIN_COLUMNS)
-    write_history(result.history, tmp_path / "v.tsv", train_mod.VAL_COLUMNS)
+    write_history(result.history, tmp_path / "t.tsv", TRAIN_COLUMNS)
+    write_history(result.history, tmp_path / "v.tsv", VAL_COLUMNS)
 
     def rows(name: str) -> list[dict[str, str]]:
         head, *lines = (tmp_path / name).read_text().splitlines()

@@ -2,14 +2,15 @@
 
 Stage commands call the same library functions as the DVC stage scripts in ``pipeline/``, with
 the params file of ``--params`` (default ``params.yaml`` in the current folder) and the default
-paths (``config.Layout``, relative to the current folder): ``mamlops train omniglot-5w1s`` and
+paths (``layout.Layout``, relative to the current folder): ``mamlops train omniglot-5w1s`` and
 ``dvc repro train@omniglot-5w1s`` read and write the same files. Nothing here needs a checkout.
 
 Imports happen inside each command: ``mamlops predict model.onnx`` and ``mamlops serve`` run on
 the ``serve`` extra alone (onnxruntime, no torch, DVC or MLflow), and a command whose extra is
 not installed says which one to install. Every mistake a user can make ends in one line on
 stderr and exit status 1: bad input (``errors.reported``) and bad usage (a missing argument, a
-mistyped option) alike. ``--json`` prints a command's result as JSON, alone on stdout.
+mistyped option) alike (``cli_errors``). ``--json`` prints a command's result as JSON, alone on
+stdout.
 """
 
 from __future__ import annotations
@@ -17,47 +18,15 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
 import mamlops
-from mamlops.errors import UserError, reported
-
-# the extra that provides each optional top-level module (pyproject.toml), for the hint a
-# command gives when run in an install without it
-PIPELINE_MODULES = "torch torchvision yaml dvc mlflow onnx safetensors matplotlib"
-SERVE_MODULES = "onnxruntime fastapi starlette pydantic uvicorn multipart python_multipart"
-EXTRA_OF_MODULE = {
-    **dict.fromkeys(PIPELINE_MODULES.split(), "pipeline"),
-    **dict.fromkeys(SERVE_MODULES.split(), "serve"),
-}
-
-
-def missing_extra(module: str | None) -> str | None:
-    """The extra to install for a ``ModuleNotFoundError`` on ``module``; None when the module is
-    not an optional dependency (then the error is a bug and keeps its traceback)."""
-    return EXTRA_OF_MODULE.get((module or "").split(".")[0])
-
-
-@contextlib.contextmanager
-def command(prog: str) -> Iterator[None]:
-    """``errors.reported`` plus one case: an optional dependency this command imports is not
-    installed, which in a serving install is the normal state; name the extra that has it."""
-    with reported(prog):
-        try:
-            yield
-        except ModuleNotFoundError as exc:
-            extra = missing_extra(exc.name)
-            if extra is None:
-                raise
-            raise UserError(
-                f"`mamlops {prog}` needs the {extra} extra ({exc.name} is not installed): "
-                f"pip install 'mamlops[{extra}]'"
-            ) from None
+from mamlops.cli_errors import OneLineErrors, check_registry_names, command, store_error
+from mamlops.errors import UserError
 
 
 def json_out(as_json: bool) -> contextlib.AbstractContextManager[Any]:
@@ -68,41 +37,6 @@ def json_out(as_json: bool) -> contextlib.AbstractContextManager[Any]:
 
 def echo_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2))
-
-
-def usage_line(exc: typer.TyperException) -> str:
-    """typer's usage errors (a missing argument, an unknown option, a bad value) as one line:
-    ``mamlops serve: error: Missing argument 'model'; see 'mamlops serve --help'``."""
-    ctx = getattr(exc, "ctx", None)
-    where = ctx.command_path if ctx is not None else "mamlops"
-    format_message = getattr(exc, "format_message", lambda: str(exc))
-    message = " ".join(format_message().split()).rstrip(".")
-    return f"{where}: error: {message}; see '{where} --help'"
-
-
-class OneLineErrors(TyperGroup):
-    """typer's group, but a usage error is one line and exit status 1, like every other user
-    error here, instead of typer's usage block and framed panel (exit status 2).
-
-    typer 0.29 carries its own copy of click, whose exceptions all derive from the public
-    ``typer.TyperException``; the ``click`` package is neither needed nor the right class.
-    """
-
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
-        except typer.TyperException as exc:
-            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `mamlops`: help was printed
-                sys.exit(2)
-            typer.echo(usage_line(exc), err=True)
-            sys.exit(1)
-        except typer.Abort:
-            typer.echo("mamlops: aborted", err=True)
-            sys.exit(1)
-        # non-standalone, typer returns the status of an explicit Exit (--help, --version: 0)
-        sys.exit(code if isinstance(code, int) else 0)
 
 
 app = typer.Typer(
@@ -148,31 +82,11 @@ def check(params_file: ParamsFile = PARAMS_DEFAULT) -> None:
     trained settings, the MLflow store; releases DVC's lock of a killed dvc and removes the work
     folders a killed download or prepare left (make run runs it)."""
     with command("check"):
-        from mamlops import datasets, tracking
-        from mamlops.config import Layout, load_params, train_settings
-        from mamlops.files import release_dead_dvc_locks, sweep_abandoned
+        from mamlops.cli_check import preflight
 
-        settings = train_settings(load_params(params_file))  # the whole file, checked
-        uri = tracking.tracking_uri()
-        tracking.check_store(uri)
-        root = params_file.parent
-        dead = release_dead_dvc_locks(root)
-        # a stage sweeps these itself when it runs, but DVC restores a prepared folder from its
-        # run-cache without running prepare, so they would stay until the data changes
-        layout = Layout(root)
-        outs = [layout.raw_omniglot, *map(layout.prepared, datasets.NAMES)]
-        swept = [p for out in outs for p in sweep_abandoned(out)]
-    from mamlops.urls import redact
-
-    if dead:
-        typer.echo(f"check: released DVC's lock held by dead process(es) {dead} (a kill -9)")
-    if swept:
-        names = ", ".join(str(p) for p in swept)
-        typer.echo(f"check: removed the work folders of killed stages: {names}")
-    typer.echo(
-        f"check: {params_file} and its presets are valid; trains {', '.join(settings) or 'none'}; "
-        f"tracking store {redact(uri)} ready"
-    )
+        lines = preflight(params_file)
+    for line in lines:
+        typer.echo(line)
 
 
 @app.command()
@@ -194,8 +108,9 @@ def download(
 ) -> None:
     """Fetch and verify Omniglot (official URLs, or a mirror), atomically."""
     with command("download"):
-        from mamlops.config import DataConfig, load_params
+        from mamlops.config import DataConfig
         from mamlops.data.download import fetch_omniglot, resolve_mirror
+        from mamlops.params import load_params
 
         params_mirror = None
         if mirror is None and params_file.is_file():
@@ -220,8 +135,10 @@ def prepare(
 ) -> None:
     """The prepare stage for one data set (as `dvc repro prepare@DATASET`)."""
     with command("prepare"):
-        from mamlops.config import DataConfig, Layout, PrepareConfig, load_params
+        from mamlops.config import DataConfig, PrepareConfig
         from mamlops.data.prepare import prepare_stage
+        from mamlops.layout import Layout
+        from mamlops.params import load_params
 
         layout = Layout()
         params = load_params(params_file)
@@ -237,8 +154,10 @@ def train(
 ) -> None:
     """Meta-train one setting with MLflow tracking; resumes from its checkpoint."""
     with command("train"):
-        from mamlops.config import Layout, TrainConfig, load_params
-        from mamlops.meta.train import train_stage
+        from mamlops.config import TrainConfig
+        from mamlops.layout import Layout
+        from mamlops.meta.train_stage import train_stage
+        from mamlops.params import load_params
 
         layout = Layout()
         cfg = TrainConfig.from_params(load_params(params_file), setting)
@@ -253,8 +172,10 @@ def evaluate(
 ) -> None:
     """Score a trained setting on its 600 fixed test episodes (both BatchNorm protocols)."""
     with command("evaluate"):
-        from mamlops.config import EvaluateConfig, Layout, TrainConfig, load_params
+        from mamlops.config import EvaluateConfig, TrainConfig
+        from mamlops.layout import Layout
         from mamlops.meta.evaluate import evaluate_stage
+        from mamlops.params import load_params
 
         layout = Layout()
         params = load_params(params_file)
@@ -277,7 +198,9 @@ def publish(
     """The export stage: adapt a demo classifier, export ONNX, check parity, register it."""
     with command("publish"):
         from mamlops.classifier.export import export_stage
-        from mamlops.config import ExportConfig, Layout, TrainConfig, load_params
+        from mamlops.config import ExportConfig, TrainConfig
+        from mamlops.layout import Layout
+        from mamlops.params import load_params
 
         layout = Layout()
         params = load_params(params_file)
@@ -409,7 +332,8 @@ def export(
     """Export an adapted classifier to ONNX (BatchNorm folded, labels in the metadata)."""
     with command("export"):
         from mamlops.classifier.classifier import Classifier
-        from mamlops.classifier.export import DEFAULT_OPSET, export_onnx
+        from mamlops.classifier.onnx_export import export_onnx
+        from mamlops.config import DEFAULT_OPSET
 
         path = export_onnx(Classifier.load(classifier), out, opset or DEFAULT_OPSET)
     typer.echo(f"wrote {path}")
@@ -452,39 +376,6 @@ def serve(
             store=store,
             limits=limits,
         )
-
-
-def check_registry_names(name: str, alias: str) -> None:
-    """MLflow's own rules for model and alias names, checked before anything is logged (a bad
-    alias found afterwards would leave a registered version without it)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import (
-        _validate_model_alias_name,
-        _validate_model_alias_name_reserved,
-        _validate_model_name,
-    )
-
-    checks = [
-        ("--name", name, [_validate_model_name]),
-        ("--alias", alias, [_validate_model_alias_name, _validate_model_alias_name_reserved]),
-    ]
-    for option, value, rules in checks:
-        try:
-            for rule in rules:
-                rule(value)
-        except MlflowException as exc:
-            raise UserError(f"{option} {value!r}: {exc.message}") from None
-
-
-def store_error(uri: str, exc: Exception) -> str:
-    """One line for an MLflow store that cannot be used at all (an unsupported URI, the
-    retired file store): the store, MLflow's first sentence, and the fix."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    first = text.split(". ")[0].rstrip(".")[:300]
-    return (
-        f"MLflow store {uri} cannot be used ({first}); point MLFLOW_TRACKING_URI at a database "
-        "or server store, e.g. sqlite:///mlflow.db"
-    )
 
 
 @app.command()

@@ -21,14 +21,18 @@ NO_OUTPUT_EFFECT = frozenset({"files", "errors", "tracking", "malloc", "urls", "
 def module_name(path: Path) -> str:
     """``src/mamlops/data/episodes.py`` -> ``data.episodes`` (the name below ``mamlops``)."""
     rel = Path(path).resolve().relative_to(PACKAGE).with_suffix("")
-    return ".".join(rel.parts)
+    parts = rel.parts[:-1] if rel.name == "__init__" and len(rel.parts) > 1 else rel.parts
+    return ".".join(parts)
 
 
 def module_path(name: str) -> Path | None:
-    """The file of package module ``name`` (``data.episodes``), None for a package or a name
-    that is not a module of this package."""
-    path = PACKAGE.joinpath(*name.split(".")).with_suffix(".py")
-    return path if path.is_file() else None
+    """The file of package module ``name`` (``data.episodes``; a subpackage's ``__init__.py``),
+    None for a name that is not a module of this package."""
+    path = PACKAGE.joinpath(*name.split("."))
+    for file in (path.with_suffix(".py"), path / "__init__.py"):
+        if file.is_file():
+            return file
+    return None
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -41,16 +45,26 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                here = module_name(path).split(".")[: -node.level]
+                package = Path(path).name == "__init__.py"  # its own package is level 1
+                here = module_name(path).split(".")[: -node.level + package or None]
                 base = ".".join(["mamlops", *here, *([base] if base else [])])
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
+            # ``from mamlops.meta import train`` runs meta/train.py; ``from mamlops.datasets
+            # import get`` runs datasets/__init__.py: the module named, else its package
+            names = [
+                f"{base}.{a.name}" if _inside(f"{base}.{a.name}") else base for a in node.names
+            ]
         else:
             continue
         for name in names:
-            parts = name.split(".")
-            if parts[0] == "mamlops" and len(parts) > 1 and module_path(".".join(parts[1:])):
-                found.add(".".join(parts[1:]))
+            if _inside(name):
+                found.add(name.split(".", 1)[1])
     return found
+
+
+def _inside(name: str) -> bool:
+    """Whether dotted ``name`` (``mamlops.data.episodes``) is a module of this package."""
+    parts = name.split(".")
+    return parts[0] == "mamlops" and len(parts) > 1 and module_path(".".join(parts[1:])) is not None
 
 
 def import_closure(path: Path) -> set[str]:

@@ -25,6 +25,13 @@ class DataError(UserError):
     """Downloaded, prepared or supplied data is missing, damaged or not the expected content."""
 
 
+class ParamsError(UserError):
+    """A params.yaml key is missing or has a value that cannot work; the message says which.
+
+    Here, not beside the schema (``schema.py``), because the data set modules
+    (``datasets/``) check their own ``prepare.<name>`` keys and must not import the configs."""
+
+
 @contextlib.contextmanager
 def reported(prog: str) -> Iterator[None]:
     """Turn a ``UserError`` (or a missing file) raised in the block into ``prog: error: ...``

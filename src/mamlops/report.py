@@ -18,33 +18,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mamlops import datasets
 from mamlops.errors import UserError
 from mamlops.files import write_text
 
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
-
-# MAML paper (Finn et al. 2017), Table 1 and 2: accuracy, 95% CI, transductive BN, 600 tasks.
-PAPER: dict[tuple[str, int, int], tuple[float, float]] = {
-    ("omniglot", 5, 1): (98.7, 0.4),
-    ("omniglot", 5, 5): (99.9, 0.1),
-    ("omniglot", 20, 1): (95.8, 0.3),
-    ("omniglot", 20, 5): (98.9, 0.2),
-    ("miniimagenet", 5, 1): (48.70, 1.84),
-    ("miniimagenet", 5, 5): (63.11, 0.92),
-}
-
-
-# MAML++ (Antoniou et al. 2019, Table 1): Omniglot means as reported, miniImageNet with the std
-# over 3 seeds.
-MAMLPP: dict[tuple[str, int, int], str] = {
-    ("omniglot", 5, 1): "99.47",
-    ("omniglot", 5, 5): "99.93",
-    ("omniglot", 20, 1): "97.65",
-    ("omniglot", 20, 5): "99.33",
-    ("miniimagenet", 5, 1): "52.15 ± 0.26",
-    ("miniimagenet", 5, 5): "68.32 ± 0.44",
-}
 
 
 class ReportError(UserError):
@@ -109,10 +88,12 @@ def render_table(results: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        key = (r.get("dataset"), r.get("ways"), r.get("shots"))
-        paper = PAPER.get(key)  # type: ignore[arg-type]
+        # the papers' numbers are facts of the data set (its module in datasets/)
+        data = datasets.DATASETS.get(r.get("dataset"))  # type: ignore[arg-type]
+        key = (r.get("ways"), r.get("shots"))
+        paper = data.paper.get(key) if data else None  # type: ignore[arg-type]
         paper_s = f"{paper[0]:.2f} ± {paper[1]:.2f}" if paper else "–"
-        mamlpp = MAMLPP.get(key, "–")  # type: ignore[arg-type]
+        mamlpp = data.mamlpp.get(key, "–") if data else "–"  # type: ignore[arg-type]
         task = f"{r.get('dataset')} {r.get('ways')}-way {r.get('shots')}-shot"
         iters = f"{r.get('iterations')}"
         if r.get("train_iterations") not in (None, r.get("iterations")):

@@ -131,7 +131,7 @@ def check_store(uri: str) -> None:
     import urllib.error
     import urllib.request
 
-    from mamlops.urls import redact
+    from mamlops.urls import redact, request
 
     if not uri.startswith(("http://", "https://")):
         return
@@ -139,7 +139,8 @@ def check_store(uri: str) -> None:
         os.environ.setdefault(key, value)
     health = uri.rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(health, timeout=HEALTH_TIMEOUT_S) as response:
+        # user:password@ in the URI goes as Basic auth, as MLflow's client sends it
+        with urllib.request.urlopen(request(health), timeout=HEALTH_TIMEOUT_S) as response:
             response.read(64)
     except urllib.error.HTTPError:
         return  # it answered (a proxy or auth in front of /health): the server is up

@@ -43,3 +43,16 @@ def request(url: str) -> urllib.request.Request:
     token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
     req.add_unredirected_header("Authorization", f"Basic {token}")
     return req
+
+
+def join(base: str, name: str) -> str:
+    """The URL of file ``name`` in the folder URL ``base``, keeping ``base``'s query.
+
+    A signed mirror (``https://host/omniglot?token=...``) names its folder and carries its
+    token in the query: ``urljoin`` would drop the last path segment and the query, and fetch
+    ``https://host/images_background.zip``. Here the folder is the whole path, and the query
+    goes with every file.
+    """
+    parts = urllib.parse.urlsplit(base)
+    folder = parts.path if parts.path.endswith("/") else parts.path + "/"
+    return urllib.parse.urlunsplit(parts._replace(path=folder + urllib.parse.quote(name)))

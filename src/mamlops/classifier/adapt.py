@@ -35,6 +35,7 @@ from mamlops.errors import UserError
 from mamlops.files import file_sha256
 from mamlops.meta import maml
 from mamlops.meta.checkpoint import load_theta
+from mamlops.meta.keys import learned_lrs
 from mamlops.meta.model import ConvNetConfig, batch_stats, forward
 
 BATCH = 256
@@ -242,7 +243,7 @@ def adapt_classifier(
             "meta_ways": model_cfg.ways,
             "steps": steps,
             "lr": lr,
-            "learned_inner_lr": any(k.startswith(maml.LR_PREFIX) for k in theta),
+            "learned_inner_lr": bool(learned_lrs(theta)),
             **(provenance or {}),
             "support_accuracy": support_acc,
         },

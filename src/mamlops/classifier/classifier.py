@@ -19,6 +19,7 @@ from torch import Tensor
 from mamlops import datasets
 from mamlops.errors import UserError
 from mamlops.files import read_safetensors, write_safetensors
+from mamlops.meta.keys import bn_scale_key, bn_shift_key, conv_key, is_lr_key, is_step_bn
 from mamlops.meta.model import (
     BN_EPS,
     N_BLOCKS,
@@ -40,7 +41,7 @@ class ClassifierFileError(UserError):
 def preprocessing_spec(dataset: str) -> dict[str, Any]:
     """How raw images become the float input, written next to the weights so that a served model
     can never be fed images prepared differently from the ones it was adapted on (the facts
-    ``preprocess`` applies, from ``datasets.py``)."""
+    ``preprocess`` applies, from ``datasets/``)."""
     try:
         data = datasets.get(dataset)
     except ValueError as exc:
@@ -77,16 +78,16 @@ def serving_params(params: Params, bn_step: int | None = None) -> Params:
     """
     out: Params = {}
     for name, tensor in params.items():
-        if name.startswith("lr."):
+        if is_lr_key(name):
             continue
-        if name.startswith("bn") and tensor.dim() == 2:
+        if is_step_bn(name, tensor):
             row = tensor.shape[0] - 1 if bn_step is None else min(bn_step, tensor.shape[0] - 1)
             tensor = tensor[row]
         out[name] = tensor
     for i in range(N_BLOCKS):
-        shift = out.get(f"bn{i}.bias")
-        if shift is not None and f"bn{i}.weight" not in out:
-            out[f"bn{i}.weight"] = torch.ones_like(shift)
+        shift = out.get(bn_shift_key(i))
+        if shift is not None and bn_scale_key(i) not in out:
+            out[bn_scale_key(i)] = torch.ones_like(shift)
     return out
 
 
@@ -194,9 +195,9 @@ class Classifier:
         """
         out: dict[str, Tensor] = {}
         for i, (mean, var) in enumerate(self.bn_stats):
-            scale = self.params[f"bn{i}.weight"] / torch.sqrt(var + BN_EPS)
-            out[f"conv{i}.weight"] = self.params[f"conv{i}.weight"] * scale[:, None, None, None]
-            out[f"conv{i}.bias"] = self.params[f"bn{i}.bias"] - mean * scale
+            scale = self.params[bn_scale_key(i)] / torch.sqrt(var + BN_EPS)
+            out[conv_key(i)] = self.params[conv_key(i)] * scale[:, None, None, None]
+            out[f"conv{i}.bias"] = self.params[bn_shift_key(i)] - mean * scale
         out["head.weight"] = self.params["head.weight"]
         out["head.bias"] = self.params["head.bias"]
         return {k: v.detach().to(torch.float32).clone() for k, v in out.items()}

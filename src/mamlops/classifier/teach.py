@@ -1,8 +1,9 @@
 """Teaching a classifier from a handful of labelled images, and keeping the ones taught.
 
-What ``POST /classifiers`` runs (``serve.py`` only adds HTTP): the support images, already
+What ``POST /classifiers`` runs (``serving/teach.py`` only adds HTTP): the support images, already
 decoded and resized by ``preprocess`` exactly as in training, go through ``adapt_classifier``
-(the same steps, lr and support-set BatchNorm as ``mamlops adapt``) and ``export.onnx_bytes``.
+(the same steps, lr and support-set BatchNorm as ``mamlops adapt``) and the ONNX writer
+(``onnx_export.onnx_bytes``).
 The classifier is then named by its content: the first 16 hex digits of its ONNX file's SHA-256.
 Teaching the same images again gives the same bytes, hence the same id, so a repeated request
 finds the classifier it already made instead of storing a copy.
@@ -188,7 +189,7 @@ def teach(meta: MetaModel, support: dict[str, np.ndarray], limits: TeachLimits) 
     import torch
 
     from mamlops.classifier.adapt import adapt_classifier
-    from mamlops.classifier.export import onnx_bytes
+    from mamlops.classifier.onnx_export import onnx_bytes
     from mamlops.data.preprocess import to_float
 
     labels = [check_label(label) for label in support]

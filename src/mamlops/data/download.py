@@ -27,10 +27,11 @@ from typing import Any
 
 from PIL import Image
 
+from mamlops import datasets
 from mamlops.config import DataConfig
 from mamlops.errors import DataError
 from mamlops.files import sweep_abandoned, work_dir
-from mamlops.urls import redact, request
+from mamlops.urls import join, redact, request
 
 OFFICIAL_BASE = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 ENV_MIRROR = "MAMLOPS_DATA_MIRROR"
@@ -64,7 +65,7 @@ def _source(mirror: str | None) -> tuple[str, str]:
         return "url", OFFICIAL_BASE
     scheme = urllib.parse.urlsplit(mirror).scheme.lower()
     if scheme in ("http", "https", "file"):
-        return "url", mirror if mirror.endswith("/") else mirror + "/"
+        return "url", join(mirror, "")  # the folder, its query kept (urls.join)
     if "://" in mirror:
         raise DataError(f"mirror {redact(mirror)!r}: only http, https and file URLs are supported")
     # A relative folder is taken relative to the working dir (the repo root for DVC stages).
@@ -128,7 +129,7 @@ def _fetch_zip(kind: str, base: str, name: str, workdir: Path, progress: bool) -
             raise DataError(f"{path}: not found in the mirror folder; {FIX}")
         return path
     target = workdir / name
-    _download(urllib.parse.urljoin(base, name), target, progress)
+    _download(join(base, name), target, progress)
     return target
 
 
@@ -359,9 +360,8 @@ def fetch_omniglot(
 
 def download_stage(data: DataConfig, dest: Path) -> dict[str, Any]:
     """The stage ``download``: Omniglot into ``dest`` (kept when already verified), and a check
-    of the user's miniImageNet folder when one is configured. Prints a summary."""
-    from mamlops.data import miniimagenet
-
+    of each source the stage does not download (the user's miniImageNet folder, when one is
+    configured; its data set module says how). Prints a summary."""
     summary = fetch_omniglot(dest, resolve_mirror(data.mirror))
     if summary["skipped"]:
         print(f"omniglot: kept (already verified) at {dest}")
@@ -372,12 +372,8 @@ def download_stage(data: DataConfig, dest: Path) -> dict[str, Any]:
             f"  {name}: {counts['characters']} characters, {counts['images']} images, "
             f"fingerprint {summary['fingerprints'][name][:16]}"
         )
-    if data.miniimagenet_dir:
-        report = miniimagenet.validate(Path(data.miniimagenet_dir))
-        splits = ", ".join(
-            f"{s} {v['classes']} classes/{v['images']} images" for s, v in report["splits"].items()
-        )
-        print(f"miniimagenet: {report['images_dir']} valid ({splits})")
-    else:
-        print("miniimagenet: not configured (no folder given); skipped")
+    for dataset in datasets.DATASETS.values():
+        line = dataset.describe_source(data)
+        if line is not None:
+            print(line)
     return summary

@@ -20,7 +20,6 @@ have at least N characters.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,8 +29,10 @@ import numpy as np
 import torch
 
 from mamlops import datasets
+from mamlops.data.augment import affine_augment
 from mamlops.data.preprocess import to_float
-from mamlops.data.splits import N_ROTATIONS, decode_class, read_splits, resolve_scheme
+from mamlops.data.splits import decode_class, prepared_dataset, read_splits, resolve_scheme
+from mamlops.datasets.common import N_ROTATIONS
 from mamlops.errors import DataError
 
 EPISODE_DIR = "episodes"
@@ -189,6 +190,7 @@ class Episodes:
     rows: np.ndarray  # [E, N] rows of load_bank(prepared_dir, split, scheme)
     support: np.ndarray  # [E, N, K]
     query: np.ndarray  # [E, N, Q]
+    dataset: str  # the prepared folder's (meta.json): how its images scale to floats
     scheme: str | None = None
 
     def __len__(self) -> int:
@@ -223,14 +225,8 @@ def load_episodes(
     rows = np.searchsorted(ids, classes)
     if not np.array_equal(ids[np.minimum(rows, len(ids) - 1)], classes):
         raise DataError(f"{path}: classes not in the {split} split of {scheme}; re-prepare")
-    return Episodes(split, ways, shots, classes, rows, support, query, scheme)
-
-
-def bank_dataset(bank: torch.Tensor) -> str:
-    """The data set of a bank, by its channels: grayscale banks are ``[C, M, H, W]`` (Omniglot),
-    colour ones ``[C, M, H, W, 3]`` (miniImageNet)."""
-    channels = 1 if bank.ndim == 4 else bank.shape[-1]
-    return next(d.name for d in datasets.DATASETS.values() if d.channels == channels)
+    dataset = prepared_dataset(prepared_dir)
+    return Episodes(split, ways, shots, classes, rows, support, query, dataset, scheme)
 
 
 def load_bank(prepared_dir: str | Path, split: str, scheme: str | None = None) -> torch.Tensor:
@@ -313,6 +309,8 @@ def gather_tasks(
 class TaskSampler:
     """Random N-way K-shot tasks from a bank (``load_bank``), reproducible for a seed.
 
+    ``dataset``: the data set of the bank (``splits.prepared_dataset`` of its folder), which
+    says how its images scale to floats; a bank's shape cannot say it for every data set.
     ``group`` > 1: the bank's rows come in groups of that many rotations of one character
     (``character_groups``), and a task takes N distinct characters, each at a random one of its
     rotations: the reference code's tasks (``distinct_characters``). ``alphabets`` (the
@@ -331,6 +329,7 @@ class TaskSampler:
         seed: int | None = None,
         generator: torch.Generator | None = None,
         *,
+        dataset: str,
         group: int = 1,
         augment: str = "none",
         alphabets: np.ndarray | None = None,
@@ -357,7 +356,7 @@ class TaskSampler:
             raise ValueError(f"unknown augment {augment!r}: expected 'none' or 'affine'")
         self.bank, self.ways, self.shots, self.query = bank, ways, shots, query
         self.group, self.augment = group, augment
-        self.dataset = bank_dataset(bank)
+        self.dataset = datasets.get(dataset).name  # a clear error for unknown names
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         self.generator = generator
@@ -393,38 +392,6 @@ class TaskSampler:
             tasks.xs = affine_augment(tasks.xs, g, n_tasks, part, fill)
             tasks.xq = affine_augment(tasks.xq, g, n_tasks, part, fill)
         return tasks
-
-
-# Small warps, the range of a person's drawing the same character twice: rotation, scale per
-# axis, shear, and a shift of up to 2 of 28 pixels.
-AFFINE_DEGREES, AFFINE_SCALE, AFFINE_SHEAR, AFFINE_SHIFT = 10.0, 0.1, 0.15, 2 / 14
-
-
-def affine_augment(
-    x: torch.Tensor, g: torch.Generator, n_tasks: int, part: slice | None, fill: str
-) -> torch.Tensor:
-    """``x`` [T, B, C, H, W] with each image warped by its own random affine transform.
-
-    The numbers are drawn for all ``n_tasks`` tasks and then sliced by ``part``, like the
-    tasks themselves, so a shard's images do not depend on the number of processes.
-    """
-    t, b = x.shape[:2]
-    n = n_tasks * b
-    u = torch.rand(n, 6, generator=g, device=g.device).to(x.device) * 2 - 1  # U(-1, 1)
-    if part is not None:
-        u = u.reshape(n_tasks, b, 6)[part].reshape(-1, 6)
-    angle = u[:, 0] * math.radians(AFFINE_DEGREES)
-    sx, sy = 1 + AFFINE_SCALE * u[:, 1], 1 + AFFINE_SCALE * u[:, 2]
-    shear = AFFINE_SHEAR * u[:, 3]
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.zeros(t * b, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0], theta[:, 0, 1] = cos * sx, -sin * sy + shear
-    theta[:, 1, 0], theta[:, 1, 1] = sin * sx, cos * sy
-    theta[:, :, 2] = AFFINE_SHIFT * u[:, 4:6]
-    flat = x.reshape(t * b, *x.shape[2:])
-    grid = torch.nn.functional.affine_grid(theta, list(flat.shape), align_corners=False)
-    out = torch.nn.functional.grid_sample(flat, grid, padding_mode=fill, align_corners=False)
-    return out.reshape(x.shape)
 
 
 def character_alphabets(
@@ -471,4 +438,4 @@ def episode_tasks(
     sl = slice(start, stop)
     rows = torch.from_numpy(episodes.rows[sl])
     images = torch.from_numpy(np.concatenate([episodes.support[sl], episodes.query[sl]], axis=-1))
-    return gather_tasks(bank, rows, images, episodes.shots, bank_dataset(bank))
+    return gather_tasks(bank, rows, images, episodes.shots, episodes.dataset)

@@ -9,13 +9,17 @@ Prepared folder::
     images.npy      uint8 [1623, 20, 28, 28]  (Omniglot) / [100, 600, 84, 84, 3] (miniImageNet)
     classes.csv     row index of images.npy -> names (char_id,set,alphabet,character / ...)
     splits/         <scheme>.json: {scheme, rotations, seed, train, val, test} class ids, one
-                    file per split scheme (prepare.omniglot.splits; see splits.py)
+                    file per split scheme (prepare.<dataset>.splits; see splits.py)
     meta.json       dataset, image size, array shape, the split schemes (the default first)
     episodes/       <scheme>/{val,test}[_alphabet]_<N>w<K>s.npz fixed evaluation episodes
                     (see episodes.py)
 
 Everything is written into a temporary sibling folder that is renamed into place at the end, so
 an interrupted run never leaves a half-written folder that looks complete.
+
+The work is the same for every data set; what differs (which classes a source folder holds,
+in which order, and how they split) the data set's module says (``datasets/``), through its
+``Dataset`` record: nothing here names a data set.
 
 Params come checked (``config.PrepareConfig``) before any work starts; ``prepare_stage`` is
 the DVC stage ``prepare@<dataset>`` (and ``mamlops prepare``).
@@ -31,7 +35,6 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +44,9 @@ from mamlops import datasets
 from mamlops.config import EpisodeConfig, PrepareConfig
 from mamlops.data.episodes import IMAGES_FILE, write_episode_files
 from mamlops.data.preprocess import load_image
-from mamlops.data.splits import (
-    SPLITS,
-    SPLITS_DIR,
-    Character,
-    make_miniimagenet_splits,
-    make_omniglot_splits,
-    splits_path,
-    write_splits,
-)
-from mamlops.errors import DataError
+from mamlops.data.splits import SPLITS_DIR, splits_path, write_splits
+from mamlops.datasets.common import SPLITS
 from mamlops.files import sweep_abandoned, work_dir
-
-OMNIGLOT_SETS = {"background": "images_background", "evaluation": "images_evaluation"}
-OMNIGLOT = datasets.OMNIGLOT
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -132,66 +123,10 @@ def _write_common(
         )
 
 
-# --------------------------------------------------------------------------- Omniglot
-
-
-def list_omniglot(raw_dir: str | Path) -> tuple[list[Character], list[list[Path]]]:
-    """Characters (sorted by set, alphabet, character) and their drawings (sorted by name)."""
-    raw_dir = Path(raw_dir)
-    characters: list[Character] = []
-    files: list[list[Path]] = []
-    for set_name, folder in OMNIGLOT_SETS.items():
-        root = raw_dir / folder
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root} not found; run the download stage first")
-        for alphabet in sorted(p for p in root.iterdir() if p.is_dir()):
-            for char in sorted(p for p in alphabet.iterdir() if p.is_dir()):
-                pngs = sorted(char.glob("*.png"))
-                if len(pngs) != OMNIGLOT.images_per_class:
-                    raise DataError(
-                        f"{char}: {len(pngs)} drawings, expected {OMNIGLOT.images_per_class}"
-                    )
-                characters.append(Character(set_name, alphabet.name, char.name))
-                files.append(pngs)
-    if len(characters) != OMNIGLOT.classes:
-        raise DataError(f"{raw_dir}: {len(characters)} characters, expected {OMNIGLOT.classes}")
-    return characters, files
-
-
 def read_classes(prepared_dir: str | Path) -> list[dict[str, str]]:
     """The rows of ``classes.csv`` (one per row of ``images.npy``)."""
     with open(Path(prepared_dir) / "classes.csv", newline="") as f:
         return list(csv.DictReader(f))
-
-
-def prepare_omniglot(
-    raw_dir: str | Path, out_dir: str | Path, cfg: PrepareConfig, workers: int | None = None
-) -> dict[str, Any]:
-    """Decode, split and write episodes for Omniglot; returns a summary for printing/logging."""
-    characters, files = list_omniglot(raw_dir)
-    size = OMNIGLOT.image_size
-    schemes = [
-        make_omniglot_splits(characters, scheme, cfg.split_seed, cfg.rotations)
-        for scheme in cfg.splits
-    ]
-    shape = (len(characters), OMNIGLOT.images_per_class, size, size)
-    jobs = [([str(f) for f in fs], "omniglot") for fs in files]
-    with staged_dir(out_dir) as tmp:
-        images = _decode_all(jobs, _workers(workers), np.empty(shape, dtype=np.uint8))
-        np.save(tmp / IMAGES_FILE, images)
-        with open(tmp / "classes.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["char_id", "set", "alphabet", "character"])
-            w.writerows((i, *c) for i, c in enumerate(characters))
-        meta = {
-            "dataset": "omniglot",
-            "image_size": size,
-            "images_per_class": OMNIGLOT.images_per_class,
-            "shape": list(shape),
-        }
-        alphabets = [c.alphabet for c in characters]
-        _write_common(tmp, schemes, meta, cfg.episodes.settings, cfg.episodes, alphabets)
-    return _summary(out_dir, schemes, meta)
 
 
 def _summary(
@@ -215,78 +150,42 @@ def _summary(
     }
 
 
-# --------------------------------------------------------------------------- miniImageNet
-
-
-def _ravi_csv_dir() -> Path:
-    return Path(str(resources.files("mamlops") / "resources" / "miniimagenet"))
-
-
-def list_miniimagenet(
-    src_dir: str | Path, csv_dir: str | Path | None = None
-) -> tuple[list[tuple[str, str]], list[list[Path]]]:
-    """``(split, wnid)`` per class (splits train/val/test, wnids sorted) and sorted image paths.
-
-    Images are looked up in ``src_dir/images`` if it exists, else in ``src_dir`` itself.
-    """
-    src_dir = Path(src_dir)
-    csv_dir = Path(csv_dir) if csv_dir is not None else _ravi_csv_dir()
-    image_dir = src_dir / "images" if (src_dir / "images").is_dir() else src_dir
-    classes: list[tuple[str, str]] = []
-    files: list[list[Path]] = []
-    for split in SPLITS:
-        by_class: dict[str, list[str]] = {}
-        with open(csv_dir / f"{split}.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                by_class.setdefault(row["label"], []).append(row["filename"])
-        for wnid in sorted(by_class):
-            classes.append((split, wnid))
-            files.append([image_dir / name for name in sorted(by_class[wnid])])
-    sizes = {len(fs) for fs in files}
-    if len(sizes) != 1:
-        raise DataError(f"{csv_dir}: classes have different image counts {sorted(sizes)}")
-    missing = [p for fs in files for p in fs if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{image_dir}: {len(missing)} images named in the Ravi CSVs are missing, "
-            f"e.g. {missing[0].name}"
-        )
-    return classes, files
-
-
-def prepare_miniimagenet(
-    src_dir: str | Path,
+def prepare_dataset(
+    dataset: str,
+    source: str | Path,
     out_dir: str | Path,
     cfg: PrepareConfig,
-    csv_dir: str | Path | None = None,
     workers: int | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Decode a user's miniImageNet into the prepared format (84x84 RGB, Ravi split)."""
-    classes, files = list_miniimagenet(src_dir, csv_dir)
-    size = datasets.MINIIMAGENET.image_size
-    counts = tuple(sum(1 for s, _ in classes if s == split) for split in SPLITS)
-    splits = make_miniimagenet_splits(counts)  # type: ignore[arg-type]
-    per_class = len(files[0])
-    shape = (len(classes), per_class, size, size, 3)
-    jobs = [([str(f) for f in fs], "miniimagenet") for fs in files]
+    """Decode, split and write episodes for ``dataset`` from its ``source`` folder (``options``
+    go to its module's ``list_classes``); returns a summary for printing/logging."""
+    data = datasets.get(dataset)
+    listing = data.list_classes(source, **options)
+    schemes = data.make_splits(listing, cfg.keys[dataset])
+    size, per_class = data.image_size, len(listing.files[0])
+    colour = (data.channels,) if data.channels > 1 else ()  # grayscale: no channel axis
+    shape = (len(listing.files), per_class, size, size, *colour)
+    jobs = [([str(f) for f in fs], dataset) for fs in listing.files]
     with staged_dir(out_dir) as tmp:
-        # written straight into the .npy file: the full array is about 2 GB
+        # written straight into the .npy file: miniImageNet's array is about 2 GB
         out = np.lib.format.open_memmap(tmp / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=shape)
         _decode_all(jobs, _workers(workers), out)
         out.flush()
         del out
         with open(tmp / "classes.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["class_id", "set", "wnid"])
-            w.writerows((i, s, wnid) for i, (s, wnid) in enumerate(classes))
+            w.writerow(listing.header)
+            w.writerows((i, *row) for i, row in enumerate(listing.rows))
         meta = {
-            "dataset": "miniimagenet",
+            "dataset": dataset,
             "image_size": size,
             "images_per_class": per_class,
             "shape": list(shape),
         }
-        _write_common(tmp, [splits], meta, cfg.miniimagenet_settings, cfg.episodes)
-    return _summary(out_dir, [splits], meta)
+        settings = cfg.settings(dataset)
+        _write_common(tmp, schemes, meta, settings, cfg.episodes, listing.alphabets)
+    return _summary(out_dir, schemes, meta)
 
 
 def prepare_stage(
@@ -295,14 +194,11 @@ def prepare_stage(
     source: str | Path | None,
     out_dir: str | Path,
 ) -> dict[str, Any]:
-    """The stage ``prepare@<dataset>`` (and ``mamlops prepare``): ``source`` is the raw Omniglot
-    folder or the user's miniImageNet folder (``data.miniimagenet_dir``). Prints a summary."""
+    """The stage ``prepare@<dataset>`` (and ``mamlops prepare``): ``source`` is where the data
+    set's module says it lies (``config.DataConfig.source``). Prints a summary."""
     datasets.get(dataset)  # a clear error for unknown names
     start = time.perf_counter()
-    if dataset == "omniglot":
-        summary = prepare_omniglot(source, out_dir, cfg)
-    else:
-        summary = prepare_miniimagenet(source, out_dir, cfg)
+    summary = prepare_dataset(dataset, source, out_dir, cfg)
     print(
         f"{summary['dataset']}: {summary['out_dir']} images {summary['shape']} in "
         f"{time.perf_counter() - start:.1f} s (rotations {str(summary['rotations']).lower()})"

@@ -58,7 +58,7 @@ def load_image(image: str | Path | bytes | Image.Image, dataset: str) -> np.ndar
     """Decode and resize one image to ``uint8``: ``[H, W]`` (Omniglot) or ``[H, W, 3]``.
 
     ``image`` is a path, encoded bytes or a Pillow image; size and colour mode are the data
-    set's (``datasets.py``).
+    set's (``datasets/``).
     """
     data = datasets.get(dataset)
     side = data.image_size

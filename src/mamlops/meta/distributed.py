@@ -77,7 +77,7 @@ def launch(processes: int) -> None:
 
     A failure raises ``UserError`` in one line: each process has already printed its own
     one-line error, and the launcher's traceback would say nothing more. For several nodes,
-    start ``torchrun`` yourself (README, "Training on several processes").
+    start ``torchrun`` yourself (docs/training.md, "Training on several processes").
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

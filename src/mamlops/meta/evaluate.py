@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from mamlops import tracking
-from mamlops.config import EvaluateConfig, TrainConfig, hardware, resolve_device
+from mamlops.config import EvaluateConfig, TrainConfig
 from mamlops.data.episodes import (
     Episodes,
     Tasks,
@@ -37,6 +37,7 @@ from mamlops.data.episodes import (
 )
 from mamlops.data.splits import resolve_scheme
 from mamlops.files import write_json
+from mamlops.hardware import hardware, resolve_device
 from mamlops.meta import maml
 from mamlops.meta.checkpoint import load_theta, theta_file
 from mamlops.meta.figures import episode_grid, steps_rows, write_steps_csv

@@ -12,10 +12,10 @@ number from the host. What does is kept on the device and updated by the graph i
 - ``step``: the iteration counter, a device scalar the graph increments;
 - the meta-lr: MAML++'s cosine schedule computed from ``step`` inside the graph and read by
   Adam (``capturable=True``, the lr a device tensor: ``optimizer``);
-- the multi-step-loss weights: ``maml.multi_step_weights_tensor`` of ``step``.
+- the multi-step-loss weights: ``mamlpp.multi_step_weights`` of ``step``.
 
 First or second order changes the graph's shape, so there are two graphs and the host picks
-one per iteration (``maml.use_first_order`` needs no GPU value). The task sampler draws from
+one per iteration (``mamlpp.use_first_order`` needs no GPU value). The task sampler draws from
 the device's default CUDA generator, whose offsets graph capture records
 (``sampler_generator``). On a CPU the same iteration runs without capture (``graph=False``):
 that is how its tensor schedules are tested where there is no GPU.
@@ -37,7 +37,7 @@ import torch
 from mamlops.config import MAMLConfig, TrainConfig
 from mamlops.data.episodes import TaskSampler
 from mamlops.errors import UserError
-from mamlops.meta import maml
+from mamlops.meta import maml, mamlpp
 from mamlops.meta.model import ConvNetConfig, Params
 
 WARMUP = 3  # eager iterations of each order before its capture (cuDNN/cuBLAS workspaces, Adam)
@@ -119,7 +119,7 @@ class GraphStep:
         """One iteration, device values only: [loss, query_acc]; advances ``step_t``."""
         cfg = self.cfg
         if cfg.cosine_meta_lr:
-            self.lr.copy_(maml.cosine_meta_lr(self.step_t, cfg.iterations, cfg.meta_lr))
+            self.lr.copy_(mamlpp.cosine_meta_lr(self.step_t, cfg.iterations, cfg.meta_lr))
         tasks = self.sampler.sample(cfg.meta_batch)
         with self.autocast:
             loss, m = maml.meta_loss(
@@ -129,7 +129,7 @@ class GraphStep:
         self.opt.zero_grad(set_to_none=False)
         loss.backward()
         if cfg.grad_clip:
-            maml.clip_meta_grad(self.params, cfg.grad_clip)
+            mamlpp.clip_meta_grad(self.params, cfg.grad_clip)
         self.opt.step()
         self.step_t.add_(1)
         return torch.stack((m["loss"].float(), m["query_acc"].float()))
@@ -137,7 +137,7 @@ class GraphStep:
     def step(self, iteration: int) -> torch.Tensor:
         """Iteration ``iteration`` (the next one: the graph counts for itself), as [loss, acc]
         on the device; nothing here waits for the GPU."""
-        first_order = maml.use_first_order(self.maml_cfg, iteration)
+        first_order = mamlpp.use_first_order(self.maml_cfg, iteration)
         if not self.graph:
             return self._iteration(first_order)
         if first_order not in self.graphs:

@@ -4,7 +4,7 @@ The meta-parameters are one flat ``dict[str, Tensor]``: the network's weights (s
 plus, with learned inner lrs (LSLR), one tensor ``lr.<name>`` of per-step lrs for each adapted
 weight. Keeping everything in one dict means one Adam, one checkpoint, and that a checkpoint says
 by itself which MAML++ features it was trained with (``lr.*`` keys present, BN weights with a
-step axis), so evaluation needs no MAMLConfig.
+step axis; the names are spelled once, in ``keys``), so evaluation needs no MAMLConfig.
 
 Two executions of the meta-batch give the same numbers:
 
@@ -14,14 +14,15 @@ Two executions of the meta-batch give the same numbers:
   ``autograd.grad`` call yields every task's inner gradient at once.
 
 The outer optimiser (Adam with lr beta) lives in the training loop; this module gives it the
-loss to differentiate, the cosine meta-lr schedule and gradient clipping. At test time
+loss to differentiate; the MAML++ pieces around it (the extra meta-parameters, loss weights,
+meta-lr schedule, gradient clipping) are in ``mamlpp``. At test time
 ``adapt_detached`` is the one inner loop (evaluation, the episode figures and ``mamlops adapt``
 all use it).
 
 Example, one meta-training step and a test-time adaptation::
 
     cfg, mcfg = ConvNetConfig.for_dataset("omniglot", 5), MAMLConfig(inner_lr=0.4)
-    theta = {k: v.requires_grad_() for k, v in init_meta_params(cfg, mcfg).items()}
+    theta = {k: v.requires_grad_() for k, v in mamlpp.init_meta_params(cfg, mcfg).items()}
     opt = torch.optim.Adam(theta.values(), lr=1e-3)
     loss, metrics = meta_loss(theta, tasks, cfg, mcfg)   # tasks: episodes.TaskSampler.sample
     opt.zero_grad(); loss.backward(); opt.step()
@@ -30,7 +31,6 @@ Example, one meta-training step and a test-time adaptation::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Literal, Protocol
 
@@ -39,19 +39,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mamlops.config import MAMLConfig, Strategy
+from mamlops.meta.keys import Params, adapted_names, learned_lrs, lr_key
+from mamlops.meta.mamlpp import multi_step_weights, use_first_order
 from mamlops.meta.model import (
     ConvNetConfig,
-    Params,
     batch_stats,
     batch_stats_tasks,
     expand_params,
     forward,
     forward_tasks,
-    init_params,
-    per_step_bn,
 )
 
-LR_PREFIX = "lr."
 # ``auto`` on a CPU: ``batched`` while a task's first-layer activations stay under this many
 # floats (1 MiB in fp32), else ``loop``. Measured on the 2-core dev CPU (docs/performance.md),
 # Omniglot 5-way 1-shot, meta-batch 32: batched 1.4x the loop at 10 images per task, 1.5x at
@@ -69,49 +67,9 @@ class TaskBatch(Protocol):
     yq: Tensor  # [T, N*Q]
 
 
-def init_meta_params(
-    model_cfg: ConvNetConfig, maml_cfg: MAMLConfig, generator: torch.Generator | None = None
-) -> Params:
-    """Network weights plus the meta-parameters the enabled MAML++ switches add.
-
-    ``adapt_bn: false`` (without per-step BN) gives the BN weights a step axis of one row: the
-    mark of weights that are meta-learned but not adapted (``adapted_names``), so theta says by
-    itself how to adapt it.
-    """
-    params = init_params(
-        model_cfg, generator, bn_scale=maml_cfg.bn_scale, head_init=maml_cfg.head_init
-    )
-    if maml_cfg.per_step_bn:
-        params = per_step_bn(params, maml_cfg.inner_steps)
-    elif not maml_cfg.adapt_bn:
-        params = per_step_bn(params, 0)
-    if maml_cfg.learn_inner_lr:
-        for name in adapted_names(params):
-            params[LR_PREFIX + name] = torch.full((maml_cfg.inner_steps,), maml_cfg.inner_lr)
-    return params
-
-
-def adapted_names(params: Params) -> list[str]:
-    """Names the inner loop updates: every network weight except BN weights with a step axis.
-
-    Per-step BN weights are meta-learned only (as in MAML++): adapting a table indexed by step
-    in a loop that uses one row per step would be a no-op for all rows but one. A single row
-    (``adapt_bn: false``) is the reference code's BatchNorm, whose offsets the inner loop
-    leaves alone.
-    """
-    names = []
-    for k, v in params.items():
-        if k.startswith(LR_PREFIX):
-            continue
-        if k.startswith("bn") and v.dim() == 2:
-            continue
-        names.append(k)
-    return names
-
-
 def _step_lr(params: Params, name: str, step: int, lr: float) -> Tensor | float:
     """Learned lr of ``name`` at ``step`` when present (LSLR), else the fixed ``lr``."""
-    lrs = params.get(LR_PREFIX + name)
+    lrs = params.get(lr_key(name))
     if lrs is None:
         return lr
     return lrs[min(step, lrs.shape[0] - 1)]
@@ -240,38 +198,6 @@ def adapt_tasks(
         if keep_all:
             history.append(fast)
     return history if keep_all else [fast]
-
-
-def multi_step_weights(
-    steps: int, iteration: int | Tensor, anneal_iters: int
-) -> list[float] | Tensor:
-    """MAML++ multi-step loss weights for query losses after steps 1..steps.
-
-    Start uniform (1/K each); the intermediate weights decay linearly over ``anneal_iters`` to
-    a floor of 0.03/K and the final step takes the rest, so late training optimises the final
-    adapted model as plain MAML does while early training gets gradient from every step.
-    ``iteration`` a device tensor: the weights as a tensor computed on the device, read inside
-    a replayed CUDA graph (``graph_step``); the same numbers up to float rounding.
-    """
-    if steps <= 1:
-        return iteration.new_ones(steps) if isinstance(iteration, Tensor) else [1.0] * steps
-    uniform = 1.0 / steps
-    if isinstance(iteration, Tensor):
-        frac = (
-            (iteration / anneal_iters).clamp(max=1.0)
-            if anneal_iters > 0
-            else torch.ones_like(iteration)
-        )
-        inter = (uniform * (1.0 - frac)).clamp(min=0.03 / steps)
-        return torch.cat([inter.expand(steps - 1), (1.0 - inter * (steps - 1))[None]])
-    frac = 1.0 if anneal_iters <= 0 else min(iteration / anneal_iters, 1.0)
-    inter = max(uniform * (1.0 - frac), 0.03 / steps)
-    return [inter] * (steps - 1) + [1.0 - inter * (steps - 1)]
-
-
-def use_first_order(maml_cfg: MAMLConfig, iteration: int) -> bool:
-    """First-order at this iteration? Always when configured, else for the first E iterations."""
-    return maml_cfg.first_order or iteration < maml_cfg.first_order_iters
 
 
 def resolve_strategy(
@@ -436,7 +362,7 @@ def adapt_detached(
     """
     n_tasks, batch = ys.shape
     names = adapted_names(params)
-    lrs = {k: v.detach() for k, v in params.items() if k.startswith(LR_PREFIX)}
+    lrs = {k: v.detach() for k, v in learned_lrs(params).items()}
     fast = {k: v.detach() for k, v in expand_params(params, n_tasks).items()}
     for s in range(steps + 1):
         yield fast
@@ -497,26 +423,3 @@ def evaluate_tasks(
             logits = query_logits(fast, tasks, model_cfg, s, bn)
             accs.append((logits.argmax(-1) == tasks.yq).to(logits.dtype).mean(dim=-1))
     return torch.stack(accs, dim=1) if curve else accs[-1]
-
-
-def cosine_meta_lr(
-    iteration: int | Tensor, total_iters: int, base_lr: float, min_lr: float = 0.0
-) -> float | Tensor:
-    """MAML++ cosine annealing of the outer (Adam) lr: base_lr at 0, min_lr at total_iters.
-    ``iteration`` a device tensor: the lr as one, for Adam inside a CUDA graph."""
-    if isinstance(iteration, Tensor):
-        frac = (iteration / max(total_iters, 1)).clamp(0.0, 1.0)
-        return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + torch.cos(math.pi * frac))
-    frac = min(max(iteration / max(total_iters, 1), 0.0), 1.0)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * frac))
-
-
-def clip_meta_grad(params: Params, max_norm: float | None) -> Tensor:
-    """Clip the meta-gradient in place to global norm ``max_norm`` (None: no clipping); returns
-    the norm before clipping as a tensor (no sync) for logging."""
-    grads = [p for p in params.values() if p.grad is not None]
-    if max_norm is None:
-        return torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])
-        )
-    return torch.nn.utils.clip_grad_norm_(grads, max_norm)

@@ -20,8 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mamlops.datasets import N_BLOCKS, ConvNetConfig
+from mamlops.meta.keys import (
+    Params,
+    bn_scale_key,
+    bn_shift_key,
+    conv_key,
+    network_weights,
+)
 
-Params = dict[str, Tensor]
 BNStats = list[tuple[Tensor, Tensor]]
 
 BN_EPS = 1e-5
@@ -49,10 +55,10 @@ def init_params(
     for i in range(N_BLOCKS):
         w = torch.empty(cfg.hidden, c_in, 3, 3)
         _xavier_uniform(w, generator)
-        params[f"conv{i}.weight"] = w
+        params[conv_key(i)] = w
         if bn_scale:
-            params[f"bn{i}.weight"] = torch.ones(cfg.hidden)
-        params[f"bn{i}.bias"] = torch.zeros(cfg.hidden)
+            params[bn_scale_key(i)] = torch.ones(cfg.hidden)
+        params[bn_shift_key(i)] = torch.zeros(cfg.hidden)
         c_in = cfg.hidden
     w = torch.empty(cfg.ways, cfg.feature_dim)
     if head_init == "normal":
@@ -82,7 +88,7 @@ def _bn_affine(params: Params, i: int, step: int, task_dim: bool) -> tuple[Tenso
     (``adapt_bn: false``). Steps past the last row (e.g. 10 test-time steps after 5 training
     steps) reuse the last row.
     """
-    w, b = params.get(f"bn{i}.weight"), params[f"bn{i}.bias"]
+    w, b = params.get(bn_scale_key(i)), params[bn_shift_key(i)]
     if b.dim() == (3 if task_dim else 2):
         s = min(step, b.shape[-2] - 1)
         w, b = (None if w is None else w[..., s, :]), b[..., s, :]
@@ -144,7 +150,7 @@ def _blocks(
 ) -> Tensor:
     """The four blocks; ``tasks``: ``params`` carry a leading task axis and ``h`` is folded."""
     for i in range(N_BLOCKS):
-        weight = params[f"conv{i}.weight"]
+        weight = params[conv_key(i)]
         scale, shift = _bn_affine(params, i, step, task_dim=tasks is not None)
         if tasks is not None:
             weight = weight.reshape(-1, *weight.shape[2:])
@@ -209,11 +215,11 @@ def per_step_bn(params: Params, steps: int) -> Params:
     Step ``s`` of the inner loop (and the query pass after ``s`` updates) uses row ``s``, so the
     network can rescale features as the adapted weights drift; rows start equal. ``steps=0``
     gives one row shared by every step: BN weights that the inner loop leaves alone (BN tensors
-    with a step axis are meta-learned only, ``maml.adapted_names``), as in the reference code.
+    with a step axis are meta-learned only, ``keys.is_step_bn``), as in the reference code.
     """
     out = dict(params)
     for i in range(N_BLOCKS):
-        for name in (f"bn{i}.weight", f"bn{i}.bias"):
+        for name in (bn_scale_key(i), bn_shift_key(i)):
             if name in params:
                 out[name] = params[name].unsqueeze(0).repeat(steps + 1, 1)
     return out
@@ -237,11 +243,7 @@ def expand_params(params: Params, tasks: int) -> Params:
     Differentiable (an ``expand``), so gradients w.r.t. the copies sum back into ``params``.
     Keys other than the network's (e.g. ``lr.*``) are left out.
     """
-    return {
-        k: v.unsqueeze(0).expand(tasks, *v.shape)
-        for k, v in params.items()
-        if not k.startswith("lr.")
-    }
+    return {k: v.unsqueeze(0).expand(tasks, *v.shape) for k, v in network_weights(params).items()}
 
 
 def _fold(x: Tensor) -> Tensor:

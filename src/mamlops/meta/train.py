@@ -5,7 +5,8 @@ initialisation, and a checkpoint stores that generator's state next to theta and
 A run killed at any point therefore resumes from its last checkpoint and ends with exactly the
 theta an uninterrupted run reaches (on CPU, where the kernels are deterministic).
 
-I/O here is limited to files the caller names; MLflow stays in the caller through ``on_metrics``.
+I/O here is limited to files the caller names; MLflow stays in the caller through ``on_metrics``
+(the stage that runs this loop in an MLflow run and writes metrics and plots: ``train_stage``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mamlops import tracking
-from mamlops.config import TrainConfig, hardware, resolve_device
+from mamlops.config import TrainConfig
 from mamlops.data.episodes import (
     TaskSampler,
     character_alphabets,
@@ -30,25 +30,18 @@ from mamlops.data.episodes import (
 )
 from mamlops.data.splits import resolve_scheme
 from mamlops.errors import UserError
-from mamlops.files import write_json, write_text
-from mamlops.meta import distributed, graph_step, maml
+from mamlops.hardware import resolve_device
+from mamlops.meta import distributed, graph_step, maml, mamlpp
 from mamlops.meta.checkpoint import (
     CHECKPOINT,
     load_checkpoint,
-    resumable_run,
     resume_key,
     resume_mismatch,
     save_checkpoint,
     save_theta,
     theta_file,
 )
-from mamlops.meta.figures import training_curves
-from mamlops.meta.model import Params
-
-# the plotted columns: deterministic values only (tasks/s is a metric, not a curve), so the
-# same seed and params write the same files
-TRAIN_COLUMNS = ("step", "loss", "train_acc", "meta_lr")
-VAL_COLUMNS = ("step", "val_acc")
+from mamlops.meta.keys import Params, learned_lrs, lr_target
 
 
 class NonFiniteLossError(UserError):
@@ -74,10 +67,9 @@ class TrainResult:
 def learned_inner_lrs(params: Params) -> dict[str, float]:
     """MAML++ learned inner lrs (LSLR), one number per layer and step, for tracking."""
     out = {}
-    for name, lrs in params.items():
-        if name.startswith(maml.LR_PREFIX):
-            for step, value in enumerate(lrs.detach().cpu().tolist()):
-                out[f"inner_lr/{name[len(maml.LR_PREFIX) :]}/step{step}"] = value
+    for key, lrs in learned_lrs(params).items():
+        for step, value in enumerate(lrs.detach().cpu().tolist()):
+            out[f"inner_lr/{lr_target(key)}/step{step}"] = value
     return out
 
 
@@ -120,6 +112,7 @@ def training_sampler(
         cfg.shots,
         cfg.query,
         generator=generator,
+        dataset=cfg.dataset,
         group=character_groups(prepared_dir, "train", scheme) if by_character else 1,
         augment=cfg.augment,
         alphabets=(
@@ -179,7 +172,7 @@ def train(
     init_gen = torch.Generator().manual_seed(cfg.seed)
     params = {
         k: v.to(device).requires_grad_(True)
-        for k, v in maml.init_meta_params(model_cfg, maml_cfg, init_gen).items()
+        for k, v in mamlpp.init_meta_params(model_cfg, maml_cfg, init_gen).items()
     }
     opt = graph_step.optimizer(params, cfg.meta_lr, capturable=graph)
 
@@ -246,7 +239,7 @@ def train(
     try:
         for step in range(start, end):
             lr = (
-                maml.cosine_meta_lr(step, cfg.iterations, cfg.meta_lr)
+                mamlpp.cosine_meta_lr(step, cfg.iterations, cfg.meta_lr)
                 if cfg.cosine_meta_lr
                 else cfg.meta_lr
             )
@@ -262,7 +255,7 @@ def train(
                 m["loss"], m["query_acc"] = distributed.average_gradients(
                     params, world, m["loss"], m["query_acc"]
                 )
-                maml.clip_meta_grad(params, cfg.grad_clip or None)
+                mamlpp.clip_meta_grad(params, cfg.grad_clip or None)
             else:  # the whole iteration, Adam's update included, replayed on the GPU
                 out = stepper.step(step)
                 m = {"loss": out[0], "query_acc": out[1]}
@@ -346,145 +339,6 @@ def train(
             maml_cfg.strategy, device, model_cfg, cfg.ways * (cfg.shots + cfg.query)
         ),
     )
-
-
-def write_history(history: list[dict[str, float]], path: Path, columns: tuple[str, ...]) -> None:
-    """TSV for ``dvc plots``: the rows of ``history`` that measured ``columns[1]``, so no cell
-    is ever blank (a blank is drawn as 0 by Vega-Lite)."""
-    lines = ["\t".join(columns)]
-    for row in history:
-        if row.get(columns[1]) is not None:
-            lines.append("\t".join(_cell(row[c]) for c in columns))
-    write_text(path, "\n".join(lines) + "\n")
-
-
-def _cell(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) > 1 else f"{value:.6g}"
-
-
-def train_stage(
-    cfg: TrainConfig,
-    prepared_dir: Path,
-    model_dir: Path,
-    checkpoint_dir: Path,
-    metrics_path: Path,
-    train_tsv: Path,
-    val_tsv: Path,
-    curves_png: Path,
-    *,
-    progress: bool = True,
-) -> TrainResult | None:
-    """The stage ``train@<setting>`` (and ``mamlops train``): ``train`` inside one MLflow run.
-
-    Writes ``model_dir/theta{,_best}.safetensors``, the summary ``metrics_path`` (JSON, numbers
-    only), the per-step curves ``train_tsv`` (loss, query accuracy) and ``val_tsv`` (validation
-    accuracy) and their PNG. MLflow gets the effective config as ``train.<key>`` params, the
-    prepared data as a dataset input, every logged step (``train/*``, ``val/*``), the theta
-    hashes evaluate/export look the run up by, the curves, checkpoint and theta.
-
-    With ``processes`` > 1 and no launcher, the command that called this (the stage script or
-    ``mamlops train``) is run in that many processes by torchrun's launcher
-    (``distributed.launch``), and this returns None once they are done; in each of them the
-    process with rank 0 does all of the above, the others only their shard of the training.
-    """
-    if cfg.processes > 1 and not distributed.launched():
-        tracking.check_store(tracking.tracking_uri())  # a dead server: one line, before spawning
-        distributed.launch(cfg.processes)
-        return None
-    with distributed.process_group(resolve_device(cfg.device)) as (world, device):
-        if not world.main:
-            return _train_shard(cfg, prepared_dir, model_dir, checkpoint_dir, world, device)
-        model_dir, prepared_dir = Path(model_dir), Path(prepared_dir)
-        config = {k: v for k, v in cfg.to_dict().items() if k != "name"}
-        description = (
-            f"Meta-training {cfg.name}: {cfg.ways}-way {cfg.shots}-shot {cfg.dataset}, "
-            f"{cfg.iterations} iterations of {cfg.meta_batch} tasks "
-            f"({'first' if cfg.maml.first_order else 'second'} order)."
-        )
-        interrupted = resumable_run(
-            Path(checkpoint_dir), resume_key(cfg, prepared_dir, device.type)
-        )
-        with tracking.start_run(
-            f"train@{cfg.name}",
-            {"setting": cfg.name, **{f"train.{k}": v for k, v in config.items()}},
-            run_name=tracking.run_name(cfg.name),
-            resume_run_id=interrupted,
-            description=description,
-            tags={
-                "mamlops.setting": cfg.name,
-                "mamlops.hardware": hardware(device),
-                "mamlops.processes": str(world.size),
-            },
-        ) as run:
-            tracking.log_dataset(prepared_dir, cfg.dataset, "training")
-            result = train(
-                cfg,
-                prepared_dir,
-                model_dir,
-                Path(checkpoint_dir),
-                on_metrics=tracking.log_training_metrics,
-                progress=progress,
-                tracking_run=run.info.run_id,
-                world=world,
-                device=device,
-            )
-            write_history(result.history, Path(train_tsv), TRAIN_COLUMNS)
-            write_history(result.history, Path(val_tsv), VAL_COLUMNS)
-            curves = training_curves(result.history, curves_png, f"{cfg.name}: meta-training")
-            metrics = {  # the few numbers `dvc exp show` compares runs on; the rest is in MLflow
-                "best_val_acc": result.best_val_acc,
-                "best_step": result.best_step,
-                "tasks_per_s": round(result.tasks_per_s, 2),
-                "train_seconds": round(result.seconds, 1),
-            }
-            write_json(metrics_path, metrics)
-            tracking.log_metrics(
-                {
-                    "val/best_acc": result.best_val_acc,
-                    "val/best_step": result.best_step,
-                    "train/final_loss": result.final_loss,
-                    "train/seconds": result.seconds,
-                }
-            )
-            tracking.set_tags(
-                {
-                    "mamlops.strategy": result.strategy,
-                    "mamlops.resumed_from": str(result.resumed_from),
-                    **tracking.theta_tags({k: theta_file(model_dir, k) for k in ("best", "final")}),
-                }
-            )
-            tracking.log_artifacts(
-                [
-                    (curves, "plots"),
-                    (Path(train_tsv), "plots"),
-                    (Path(val_tsv), "plots"),
-                    (Path(checkpoint_dir) / CHECKPOINT, "checkpoint"),
-                    (theta_file(model_dir, "best"), "model"),
-                ]
-            )
-        print(f"{cfg.name}: best val acc {result.best_val_acc:.4f} at step {result.best_step}")
-        return result
-
-
-def _train_shard(
-    cfg: TrainConfig,
-    prepared_dir: Path,
-    model_dir: Path,
-    checkpoint_dir: Path,
-    world: distributed.World,
-    device: torch.device,
-) -> TrainResult:
-    """A process other than rank 0: its shard of every meta-batch, nothing written or logged."""
-    try:
-        return train(
-            cfg, Path(prepared_dir), Path(model_dir), Path(checkpoint_dir), progress=False,
-            world=world, device=device,
-        )  # fmt: skip
-    except NonFiniteLossError:
-        # every process sees the same averaged loss and stops at the same step: rank 0 says
-        # so; this one waits for the launcher to end it, so the line is printed once
-        time.sleep(30)
-        raise
 
 
 class _Progress:
