@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -371,6 +372,47 @@ def test_check_judges_the_presets_that_will_run(tmp_path, monkeypatch) -> None:
         app, ["train", "omniglot-20w1s", "--params", str(tmp_path / "params.yaml")]
     )
     _one_line_error(picked, "omniglot-20w1s", "meta_batch 8 does not split over 16")
+
+
+def test_check_removes_the_temporary_files_a_killed_write_left(tmp_path, monkeypatch) -> None:
+    """Issue 25 #8: kill -9 in the middle of a checkpoint write left a 0-byte
+    ``.checkpoint.pt.*.tmp`` that DVC then tracked and pushed. A real process is killed inside
+    ``atomic_write``; ``mamlops check`` removes its file, and only the files of dead writers."""
+    import signal
+    import socket
+    import time
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("params.yaml", "presets.yaml"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    ck = tmp_path / "checkpoints" / "omniglot-5w1s"
+    ready = tmp_path / "writing"
+    writer = (
+        "import sys, time; from pathlib import Path; from mamlops.files import atomic_write\n"
+        "def write(tmp):\n    Path(sys.argv[2]).touch(); time.sleep(60)\n"
+        "atomic_write(Path(sys.argv[1]) / 'checkpoint.pt', write)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(ck), str(ready)])
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the writer did not start"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    (left,) = ck.glob(".checkpoint.pt.*.tmp")  # what the kill left, host and pid in its name
+    assert f".{socket.gethostname()}-{proc.pid}-" in left.name
+    plots = tmp_path / "plots" / "eval"
+    plots.mkdir(parents=True)
+    dead_plot = plots / f".omniglot-5w1s.csv.{socket.gethostname()}-{proc.pid}-x1.tmp"
+    live = ck / f".theta.safetensors.{socket.gethostname()}-{os.getpid()}-x2.tmp"
+    other_host = ck / f".checkpoint.pt.elsewhere-{proc.pid}-x3.tmp"
+    for path in (dead_plot, live, other_host):
+        path.write_bytes(b"")
+    result = runner.invoke(app, ["check", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "removed the temporary files of killed writes" in result.output
+    assert not left.exists() and not dead_plot.exists()
+    assert live.exists() and other_host.exists()  # a live writer's, another host's: kept
 
 
 def test_params_that_are_not_utf8_are_one_line(tmp_path) -> None:

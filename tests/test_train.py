@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from mamlops.config import TrainConfig
 from mamlops.errors import ParamsError
 from mamlops.meta import maml
 from mamlops.meta import train as train_mod
+from mamlops.meta.checkpoint import THETA_FILES
 from mamlops.meta.train import NonFiniteLossError, train
 from mamlops.meta.train_stage import TRAIN_COLUMNS, VAL_COLUMNS, write_history
 
@@ -137,10 +139,16 @@ train(cfg, Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), progress=Fal
 
 
 def test_killed_run_resumes_to_the_same_theta(omniglot_prepared: Path, tmp_path: Path) -> None:
-    """SIGKILL a real training process after its first checkpoint, rerun, compare bitwise."""
-    params = tiny_params(iterations=60, checkpoint_every=5, val_every=30, log_every=5)
+    """SIGKILL a real training process after its first checkpoint, rerun, compare bitwise.
+    The theta files of the run before it stay as they were, as a pair (issue 25 #3: a new best
+    theta used to be written at each better validation, beside the old final one)."""
+    params = tiny_params(iterations=60, checkpoint_every=5, val_every=5, log_every=5)
     cfg = TrainConfig.from_params(params, "tiny")
     ck = tmp_path / "ck"
+    earlier = {name: f"the earlier run's {name}".encode() for name in THETA_FILES.values()}
+    (tmp_path / "killed").mkdir()
+    for name, data in earlier.items():
+        (tmp_path / "killed" / name).write_bytes(data)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -162,10 +170,16 @@ def test_killed_run_resumes_to_the_same_theta(omniglot_prepared: Path, tmp_path:
     assert proc.wait() == -signal.SIGKILL
     killed_at = torch.load(ck / train_mod.CHECKPOINT, weights_only=True)["step"]
     assert 0 < killed_at < 60
-    assert not (tmp_path / "killed" / "theta.safetensors").exists()
+    state = torch.load(ck / train_mod.CHECKPOINT, weights_only=True)
+    assert state["best_step"] > 0  # a best was found before the kill
+    assert {n: (tmp_path / "killed" / n).read_bytes() for n in earlier} == earlier
 
+    # a checkpoint write the kill interrupted (issue 25 #8): the next run removes it
+    left = ck / f".checkpoint.pt.{socket.gethostname()}-{proc.pid}-x.tmp"
+    left.write_bytes(b"")
     resumed = train(cfg, omniglot_prepared, tmp_path / "killed", ck, progress=False)
     assert resumed.resumed_from == killed_at
+    assert not left.exists() and not list(ck.glob(".*.tmp"))
     straight = train(
         cfg, omniglot_prepared, tmp_path / "straight", tmp_path / "ck2", progress=False
     )

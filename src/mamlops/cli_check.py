@@ -3,7 +3,8 @@
 Apart from ``cli`` because it is the one command with logic of its own (every other command
 is a call into the library): it validates the whole params file, reaches the tracking store,
 and cleans up what killed processes left (DVC's lock, the work folders of a killed download or
-prepare), each a failure that would otherwise surface minutes later, mid-pipeline.
+prepare, the temporary files of a killed write), each a failure that would otherwise surface
+minutes later, mid-pipeline.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from mamlops import datasets, tracking
 from mamlops.config import train_settings
-from mamlops.files import release_dead_dvc_locks, sweep_abandoned
+from mamlops.files import release_dead_dvc_locks, sweep_abandoned, sweep_temporaries
 from mamlops.layout import Layout
 from mamlops.params import load_params
 from mamlops.urls import redact
@@ -30,12 +31,20 @@ def preflight(params_file: Path) -> list[str]:
     layout = Layout(root)
     outs = [layout.raw_omniglot, *map(layout.prepared, datasets.NAMES)]
     swept = [p for out in outs for p in sweep_abandoned(out)]
+    # atomic_write's temporary files that a kill -9 left inside DVC outputs (checkpoints,
+    # models, metrics, plots, results), which DVC would otherwise track and push
+    folders = [f(s) for s in settings for f in (layout.checkpoint_dir, layout.model_dir)]
+    temps = [p for f in folders for p in sweep_temporaries(f)]
+    temps += [p for d in ("metrics", "plots", "results") for p in sweep_temporaries(root / d, True)]
     lines = []
     if dead:
         lines.append(f"check: released DVC's lock held by dead process(es) {dead} (a kill -9)")
     if swept:
         names = ", ".join(str(p) for p in swept)
         lines.append(f"check: removed the work folders of killed stages: {names}")
+    if temps:
+        names = ", ".join(str(p) for p in temps)
+        lines.append(f"check: removed the temporary files of killed writes: {names}")
     lines.append(
         f"check: {params_file} and its presets are valid; trains {', '.join(settings) or 'none'}; "
         f"tracking store {redact(uri)} ready"

@@ -30,7 +30,10 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
         raise UserError(f"{path} is a folder; give a file name (e.g. {path}/<name>)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # host and pid in the name: a kill -9 skips the cleanup below, and sweep_temporaries
+        # must know whose leftover it is
+        owner = f"{socket.gethostname()}-{os.getpid()}"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner}-", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise disk_error(exc, path) or exc from None
     os.close(fd)
@@ -103,6 +106,26 @@ def sweep_abandoned(dest: str | Path, kinds: tuple[str, ...] = ("tmp", "old")) -
             if not process_alive(int(parts[1])):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
+    return removed
+
+
+def sweep_temporaries(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files of ``atomic_write`` that a killed process left in ``folder``.
+
+    ``kill -9`` in the middle of a write leaves ``.<name>.<host>-<pid>-<random>.tmp`` (a
+    checkpoint's, often 0 bytes); inside a DVC output DVC would track and push it. Removed when
+    its process on this host is gone; those of live processes, other hosts and of unknown
+    naming are left alone, as in ``sweep_abandoned``. Returns what was removed.
+    """
+    folder, removed, host = Path(folder), [], socket.gethostname()
+    if not folder.is_dir():
+        return removed
+    for path in sorted((folder.rglob if recursive else folder.glob)(".*.tmp")):
+        head, _, rest = path.name.removesuffix(".tmp").rpartition(f".{host}-")
+        pid = rest.split("-", 1)[0]
+        if head and pid.isdigit() and path.is_file() and not process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
 
 

@@ -30,6 +30,7 @@ from mamlops.data.episodes import (
 )
 from mamlops.data.splits import resolve_scheme
 from mamlops.errors import UserError
+from mamlops.files import sweep_temporaries
 from mamlops.hardware import resolve_device
 from mamlops.meta import distributed, graph_step, maml, mamlpp
 from mamlops.meta.checkpoint import (
@@ -177,6 +178,9 @@ def train(
     opt = graph_step.optimizer(params, cfg.meta_lr, capturable=graph)
 
     ckpt_path = checkpoint_dir / CHECKPOINT
+    if world.main:  # the temporary files a kill -9 in the middle of a write left
+        for folder in (checkpoint_dir, out_dir):
+            sweep_temporaries(folder)
     state = distributed.broadcast(load_checkpoint(ckpt_path) if world.main else None, world)
     key = resume_key(cfg, prepared_dir, device.type)
     start, best_val, best_step, history = 0, -1.0, -1, []
@@ -301,7 +305,6 @@ def train(
                 if val_acc > best_val:
                     best_val, best_step = val_acc, done
                     best_params = {k: v.detach().cpu().clone() for k, v in params.items()}
-                    save_theta(best_params, theta_file(out_dir, "best"), cfg, done)
             if row:
                 history.append(row)
                 if on_metrics is not None:
@@ -317,12 +320,17 @@ def train(
 
     if final_step > start or state is None:
         checkpoint(final_step)
+    # theta files only here, at the end, both together: a run killed midway leaves the previous
+    # run's pair as it was, never a new best beside an old final (the best so far lives in
+    # the checkpoint until then)
     if final_step == cfg.iterations and world.main:
         # both files every time, also when a resume finds the run already done: DVC deleted
         # them before it ran the stage (the last iteration always validates, so a best exists)
         save_theta(params, theta_file(out_dir, "final"), cfg, final_step)
-        if best_params is not None:
-            save_theta(best_params, theta_file(out_dir, "best"), cfg, best_step)
+    if world.main and best_params is not None:
+        # a run stopped early on purpose (budget_s, stop_after: a GPU slot) keeps its best,
+        # validated where it stopped, to be scored; its final theta comes when it completes
+        save_theta(best_params, theta_file(out_dir, "best"), cfg, best_step)
     seconds = seconds_before + time.perf_counter() - t0  # the whole run's, over its sessions
     return TrainResult(
         step=final_step,
