@@ -5,12 +5,21 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from conftest import REPO
 from PIL import Image
+from typer.testing import CliRunner
 
+from mamlops.cli import app
 from mamlops.data.episodes import episode_tasks, load_episodes
 from mamlops.meta.checkpoint import load_theta
 from mamlops.meta.evaluate import evaluate_setting, mean_ci95, predict_tasks
@@ -205,3 +214,52 @@ def test_a_theta_is_scored_as_it_was_trained(trained_theta, capsys) -> None:
     assert scored.maml.inner_lr == cfg.maml.inner_lr and scored.maml.label_smoothing == 0.0
     assert "scored as it was trained" in capsys.readouterr().out
     assert on_trained_config(cfg, meta, trained_theta.path) is cfg
+
+
+def test_a_killed_evaluate_leaves_the_earlier_outputs_whole(
+    trained_theta, tmp_path, monkeypatch
+) -> None:
+    """Issue 25 #9: ``kill -9`` of the evaluate stage after its metrics, results and CSV were
+    written, before the episode PNG, left the new three beside the old picture. The real stage
+    script is killed where the picture is drawn: all four outputs stay the earlier run's, and
+    ``mamlops check`` removes the temporary files the kill left."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"].update(steps=0, grid_episodes=1, within_alphabet=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(REPO / "presets.yaml", tmp_path / "presets.yaml")
+    model_dir = tmp_path / "models" / "omniglot-5w1s"
+    model_dir.mkdir(parents=True)
+    shutil.copy(trained_theta.path, model_dir / "theta_best.safetensors")
+    outs = [
+        tmp_path / "metrics" / "eval" / "omniglot-5w1s.json",
+        tmp_path / "results" / "omniglot-5w1s.json",
+        tmp_path / "plots" / "eval" / "omniglot-5w1s.csv",
+        tmp_path / "plots" / "episodes" / "omniglot-5w1s.png",
+    ]
+    for path in outs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"the earlier run's {path.name}")
+    killed_at_the_picture = (
+        "import functools, os, runpy, signal, sys\n"
+        "import mamlops.meta.evaluate as ev\n"
+        "ev.episode_grid = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "ev.test_metrics = functools.partial(ev.test_metrics, limit=50)  # the writes matter\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    args = [str(REPO / "pipeline" / "evaluate.py"), "omniglot-5w1s", str(trained_theta.prepared)]
+    args += [str(model_dir), *map(str, outs)]
+    proc = subprocess.run(
+        [sys.executable, "-c", killed_at_the_picture, *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert [p.read_text() for p in outs] == [f"the earlier run's {p.name}" for p in outs]
+    left = [p for d in ("metrics", "plots", "results") for p in (tmp_path / d).rglob(".*.tmp")]
+    assert left  # the new outputs, still temporaries when the kill came
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    result = CliRunner().invoke(app, ["check", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert not [p for p in left if p.exists()]

@@ -21,6 +21,36 @@ def test_atomic_write_keeps_old_file_on_failure_and_normal_permissions(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
+def test_written_together_replaces_all_or_none(tmp_path) -> None:
+    """A stage's outputs replace the earlier run's as a group: a failure anywhere in the block
+    (here while the third file is written) leaves all the earlier files and no temporaries; a
+    block that ends renames them all, and files written outside a block land at once."""
+    from mamlops.files import atomic_write, write_text, written_together
+
+    names = ("metrics.json", "results.json", "grid.png")
+    for name in names:
+        write_text(tmp_path / name, f"earlier {name}")
+
+    def fail(tmp: str) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"), written_together():
+        write_text(tmp_path / names[0], "new")
+        write_text(tmp_path / names[1], "new")
+        assert (tmp_path / names[0]).read_text() == f"earlier {names[0]}"  # held back
+        atomic_write(tmp_path / names[2], fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    assert [(tmp_path / n).read_text() for n in names] == [f"earlier {n}" for n in names]
+
+    with written_together():
+        for name in names:
+            write_text(tmp_path / name, f"new {name}")
+    assert [(tmp_path / n).read_text() for n in names] == [f"new {n}" for n in names]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    write_text(tmp_path / names[0], "at once")
+    assert (tmp_path / names[0]).read_text() == "at once"
+
+
 def _current_umask() -> int:
     import os
 

@@ -606,7 +606,7 @@ def test_a_second_clone_reproduces_from_a_dvc_remote_without_retraining(
 @pytest.mark.timeout(900)
 def test_the_experiment_loop(repo: Path, pipeline_env: dict[str, str]) -> None:
     """What a user does after `dvc repro`, as the README says it: change a param as a workspace
-    experiment, queue two variants and run the queue, compare them with `dvc exp show
+    experiment, queue a variant and run the queue, compare them with `dvc exp show
     --only-changed` and `dvc metrics diff`, and run a paper preset through its make target.
     The persisted checkpoint of the finished run must not block any of it (it used to fail at
     once with 'written with other train params'). Runs last here: it changes the workspace."""
@@ -627,17 +627,17 @@ def test_the_experiment_loop(repo: Path, pipeline_env: dict[str, str]) -> None:
     assert out.count(f"{SETTING}: best val acc") == 1, out  # rank 0 alone reports and writes
     assert json.loads((repo / "metrics" / "train" / f"{SETTING}.json").read_text())
 
-    for name, lr in (("lr-a", 0.2), ("lr-b", 0.3)):
-        _run(
-            ["dvc", "exp", "run", "--queue", "-n", name]
-            + ["-S", f"presets.yaml:{SETTING}.inner_lr={lr}", "-S", "evaluate.steps=1"],
-            repo,
-            pipeline_env,
-        )
+    # one queued variant (two took 40 s more and showed nothing more of the queue)
+    _run(
+        ["dvc", "exp", "run", "--queue", "-n", "lr-a"]
+        + ["-S", f"presets.yaml:{SETTING}.inner_lr=0.2", "-S", "evaluate.steps=1"],
+        repo,
+        pipeline_env,
+    )
     _run(["dvc", "queue", "start", "-j", "1"], repo, pipeline_env)
     status = _wait_for_queue(repo, pipeline_env)
     assert "Failed" not in status, status
-    assert status.count("Success") >= 2, status
+    assert status.count("Success") >= 1, status
 
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, pipeline_env))
     exps = {
@@ -646,12 +646,11 @@ def test_the_experiment_loop(repo: Path, pipeline_env: dict[str, str]) -> None:
         for e in (rev.get("experiments") or [])
         if e.get("name")
     }
-    assert {"mb2", "lr-a", "lr-b"} <= set(exps), sorted(exps)
-    for name, lr in (("lr-a", 0.2), ("lr-b", 0.3)):
-        data = exps[name]
-        assert data["params"]["presets.yaml"]["data"][SETTING]["inner_lr"] == lr
-        acc = data["metrics"][f"metrics/eval/{SETTING}.json"]["data"]["acc_support"]
-        assert 0.2 < acc <= 1.0
+    assert {"mb2", "lr-a"} <= set(exps), sorted(exps)
+    data = exps["lr-a"]
+    assert data["params"]["presets.yaml"]["data"][SETTING]["inner_lr"] == 0.2
+    acc = data["metrics"][f"metrics/eval/{SETTING}.json"]["data"]["acc_support"]
+    assert 0.2 < acc <= 1.0
     # the queued runs logged to the repo's store (not a throwaway copy), named after the exp
     from mlflow import MlflowClient
 
@@ -659,7 +658,7 @@ def test_the_experiment_loop(repo: Path, pipeline_env: dict[str, str]) -> None:
     exp_id = client.get_experiment_by_name("mamlops").experiment_id
     runs = client.search_runs([exp_id], max_results=200)
     names = {r.info.run_name for r in runs}
-    assert {f"{SETTING} lr-a", f"{SETTING} lr-b", f"{SETTING} mb2"} <= names, names
+    assert {f"{SETTING} lr-a", f"{SETTING} mb2"} <= names, names
     mb2 = [r.data.tags.get("mamlops.processes") for r in runs if r.info.run_name.endswith("mb2")]
     assert mb2 == ["2"], mb2  # one training run, from rank 0
 
@@ -671,7 +670,7 @@ def test_the_experiment_loop(repo: Path, pipeline_env: dict[str, str]) -> None:
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
     assert {"best_val_acc", "acc_support", f"{SETTING}.inner_lr"} <= set(header), header
     assert len(header) <= 14 and not [c for c in header if "/" in c or "ci95" in c], header
-    assert "lr-a" in table and "lr-b" in table
+    assert "lr-a" in table and "mb2" in table
     diff = _run(["dvc", "metrics", "diff", "HEAD"], repo, pipeline_env)
     assert "acc_support" in diff
 

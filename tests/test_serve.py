@@ -160,7 +160,21 @@ def test_chunked_valid_form_past_limit(setup) -> None:
     headers = {"content-type": "multipart/form-data; boundary=b"}
     resp = setup["client"].post("/predict?model=alpha", content=body(), headers=headers)
     assert resp.status_code == 413, resp.text
-    assert "exceeds the limit" in resp.json()["detail"]
+    assert "exceeds the limit of 64 KB" in resp.json()["detail"]  # not a raw byte count
+
+
+def test_image_errors_name_the_limit_not_python(setup) -> None:
+    """Issue 25: a 6000x6000 image was "too large" without the limit, and an unreadable file
+    showed Python's exception name (``UnidentifiedImageError``) to the page's user."""
+    big = io.BytesIO()
+    Image.new("L", (5000, 4000)).save(big, format="PNG")
+    files = [("files", ("big.png", big.getvalue(), "image/png"))]
+    resp = setup["client"].post("/predict?model=alpha", files=files)
+    assert resp.status_code == 413 and "at most 16,777,216 pixels (4096x4096)" in resp.text
+    files = [("files", ("notes.png", b"hello, not an image", "image/png"))]
+    resp = setup["client"].post("/predict?model=alpha", files=files)
+    assert resp.status_code == 400 and "notes.png: not a readable image; send a PNG" in resp.text
+    assert "Error" not in resp.json()["detail"]
 
 
 def test_metadata_round_trips_every_field(setup) -> None:

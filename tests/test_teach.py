@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import threading
 import time
 import zipfile
@@ -237,7 +238,13 @@ def test_not_multipart_and_empty_bodies(server) -> None:
     resp = client.post(
         "/classifiers", content=b"", headers={"content-type": "multipart/form-data; boundary=x"}
     )
-    assert resp.status_code == 400
+    # the teaching form, not the predict routes' 'files' field (issue 25)
+    assert resp.status_code == 400 and "one form field per class" in resp.json()["detail"]
+    assert "'files'" not in resp.json()["detail"]
+    texts = {f"t{i}": "x" for i in range(5000)}
+    many = client.post("/classifiers", data=texts, files=[("a", ("a.png", b"x", "image/png"))])
+    assert many.status_code == 413 and "text fields" in many.json()["detail"], many.text
+    assert "images" not in many.json()["detail"].split(";")[0]  # it said "over 50 images"
 
 
 def test_a_server_without_meta_model_says_how_to_teach(tmp_path, drawings) -> None:
@@ -328,3 +335,81 @@ def test_openapi_describes_teaching(server) -> None:
     assert items["format"] == "binary"
     assert {"201", "429", "413"} <= set(spec["paths"]["/classifiers"]["post"]["responses"])
     assert "/classifiers/{cid}/predict" in spec["paths"]
+
+
+def test_a_classifier_gone_or_damaged_is_never_a_5xx(trained_theta, drawings, tmp_path) -> None:
+    """Issue 25 #1, #2: a predict on a classifier deleted meanwhile, or whose stored model.onnx
+    is random bytes or another classifier's graph, answered a plain-text 500 while the listing
+    showed it healthy; a teach whose classifier was deleted before its answer answered 404. Now:
+    404 for one gone, 409 naming the damage (and the listing marks it), the teach answers with
+    what it stored; and a storm of concurrent teach/predict/delete on one id has no 5xx."""
+    app = create_app(meta_path=trained_theta.path, store=tmp_path / "store")
+    store = app.state.teacher.store
+    with ThreadServer(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        ids = [client.post("/classifiers", files=_pair(drawings, a, b)).json()["id"]
+               for a, b in (("r1", "r2"), ("f1", "f2"), ("g1", "g2"))]  # fmt: skip
+        rand, foreign, donor = ids
+        (tmp_path / "store" / rand / "model.onnx").write_bytes(os.urandom(4000))
+        shutil.copy(tmp_path / "store" / donor / "model.onnx", tmp_path / "store" / foreign)
+        for cid in (rand, foreign):  # never loaded before: as after a restart
+            answer = client.post(f"/classifiers/{cid}/predict", files=query_files(drawings))
+            assert answer.status_code == 409, answer.text
+            assert f"classifier {cid} is damaged" in answer.json()["detail"]
+            assert "teach it again" in answer.json()["detail"]
+            assert "damaged" in client.get(f"/classifiers/{cid}").json()["damaged"]
+        listed = {c["id"]: c["damaged"] for c in client.get("/classifiers").json()["classifiers"]}
+        assert listed[donor] is None and listed[rand] and listed[foreign]
+        ok = client.post(f"/classifiers/{donor}/predict", files=query_files(drawings))
+        assert ok.status_code == 200
+
+        # a DELETE between the store's check and its load of the model: 404, not 500
+        real_folder = store.folder
+
+        def deleted_after_the_check(cid: str) -> Path:
+            folder = real_folder(cid)
+            store.folder = real_folder  # once
+            (folder / "model.onnx").unlink()
+            return folder
+
+        store.folder = deleted_after_the_check
+        store._cache.clear()  # not loaded yet, as after a restart
+        gone = client.post(f"/classifiers/{donor}/predict", files=query_files(drawings))
+        assert gone.status_code == 404 and "unknown classifier" in gone.json()["detail"]
+
+        # a DELETE between storing a teaching and answering it: the answer is what it stored
+        real_put = store.put
+
+        def put_then_deleted(taught):
+            out = real_put(taught)
+            store.put = real_put  # once
+            store.delete(out[0])
+            return out
+
+        store.put = put_then_deleted
+        taught = client.post("/classifiers", files=_pair(drawings, "t1", "t2"))
+        assert taught.status_code == 201, taught.text
+        assert client.get(f"/classifiers/{taught.json()['id']}").status_code == 200
+
+        # the storm of the probe: two teach, two predict and two delete loops on one id
+        form, statuses, stop = _pair(drawings, "s1", "s2"), [], time.monotonic() + 2.0
+
+        def loop(method: str, path: str, **kw) -> None:
+            with httpx.Client(base_url=url, timeout=60) as c:
+                while time.monotonic() < stop:
+                    try:
+                        statuses.append((method, c.request(method, path, **kw).status_code))
+                    except httpx.TransportError as exc:  # a server error without an answer
+                        statuses.append((method, repr(exc)))
+
+        sid = client.post("/classifiers", files=form).json()["id"]
+        jobs = [("POST", "/classifiers", {"files": form})] * 2
+        jobs += [("POST", f"/classifiers/{sid}/predict", {"files": query_files(drawings)})] * 2
+        jobs += [("DELETE", f"/classifiers/{sid}", {})] * 2
+        threads = [threading.Thread(target=loop, args=(m, p), kwargs=kw) for m, p, kw in jobs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    allowed = {"POST": {200, 201, 404, 429}, "DELETE": {204, 404}}
+    assert statuses, "the storm never ran"
+    assert all(code in allowed[m] for m, code in statuses), sorted(set(statuses))

@@ -92,8 +92,40 @@ def test_stage_runs_nest_and_find_the_training_run(
 
 
 def test_sigterm_marks_the_run_killed(store: str, tmp_path: Path) -> None:
-    """`kill <pid>` (SIGTERM) of a stage mid-run: the run ends KILLED, not RUNNING forever."""
+    """`kill <pid>` (SIGTERM) of a stage mid-run: the run ends KILLED, not RUNNING forever, and
+    the stage says so in one line with the shell's status for SIGTERM (it printed a 30-line
+    ``KeyboardInterrupt: signal 15`` traceback; issue 25)."""
     import os
+    import signal
+    import subprocess
+    import sys
+
+    import mlflow
+
+    code = (
+        "import time\nfrom mamlops import tracking\nfrom mamlops.errors import reported\n"
+        "with reported('train'), tracking.start_run('train@t', system_metrics=False) as run:\n"
+        "    print(run.info.run_id, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    run_id = proc.stdout.readline().strip()
+    assert run_id, "the child never started its run"
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    err = proc.stderr.read()
+    assert "Traceback" not in err
+    assert "train: stopped by SIGTERM; outputs of earlier runs are kept" in err.splitlines()
+    # the store the child used (the fluent API here may still point at an earlier test's)
+    assert mlflow.MlflowClient(store).get_run(run_id).info.status == "KILLED"
+
+
+def test_the_runs_of_killed_processes_are_marked_killed(store: str) -> None:
+    """Issue 25 #4: ``kill -9`` skips the run's ending, and a run started afresh afterwards left
+    the killed one RUNNING forever. The next stage run marks it KILLED; a run of a live process
+    and one of another host are left alone."""
     import signal
     import subprocess
     import sys
@@ -107,12 +139,32 @@ def test_sigterm_marks_the_run_killed(store: str, tmp_path: Path) -> None:
         "    time.sleep(120)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    run_id = proc.stdout.readline().strip()
-    assert run_id, "the child never started its run"
-    os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=60) != 0
-    # the store the child used (the fluent API here may still point at an earlier test's)
-    assert mlflow.MlflowClient(store).get_run(run_id).info.status == "KILLED"
+    killed = proc.stdout.readline().strip()
+    assert killed, "the child never started its run"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    client = mlflow.MlflowClient(store)
+    assert client.get_run(killed).info.status == "RUNNING"  # what kill -9 leaves
+    exp_id = client.get_run(killed).info.experiment_id
+    elsewhere = client.create_run(
+        exp_id, tags={"mamlops.host": "elsewhere", "mamlops.pid": str(proc.pid)}
+    )
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        here = {
+            "mamlops.host": tracking.run_tags("x")["mamlops.host"],
+            "mamlops.pid": str(alive.pid),
+        }
+        live = client.create_run(exp_id, tags=here)
+        with tracking.start_run("train@t", system_metrics=False):
+            pass
+    finally:
+        alive.kill()
+        alive.wait()
+    assert client.get_run(killed).info.status == "KILLED"
+    for run in (elsewhere, live):
+        assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    assert tracking.close_dead_runs() == [live.info.run_id]  # now that its process is gone
 
 
 def test_unreachable_server_fails_in_seconds(tmp_path: Path, monkeypatch) -> None:

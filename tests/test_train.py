@@ -194,8 +194,9 @@ def test_killed_run_resumes_to_the_same_theta(omniglot_prepared: Path, tmp_path:
 def test_a_killed_run_resumes_into_the_same_mlflow_run(
     omniglot_prepared: Path, tmp_path: Path
 ) -> None:
-    """kill -9 of `mamlops train` leaves its MLflow run RUNNING; the rerun that resumes from the
-    checkpoint reopens that run: one run, FINISHED, whose history spans both sessions."""
+    """kill -9 of `mamlops train` leaves its MLflow run RUNNING; `mamlops check` marks it KILLED;
+    the rerun that resumes from the checkpoint reopens that run: one run, FINISHED, whose
+    history spans both sessions."""
     import mlflow
 
     params = tiny_params(iterations=40, checkpoint_every=5, val_every=10, log_every=5)
@@ -218,6 +219,12 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run(
     client = mlflow.MlflowClient(store)
     (run,) = client.search_runs(client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id)
     assert run.info.status == "RUNNING"  # what kill -9 leaves
+    # `mamlops check` (what `make run` runs first) marks it KILLED (issue 25 #4)
+    check = [sys.executable, "-m", "mamlops", "check", "--params", "params.yaml"]
+    out = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"marked KILLED the MLflow runs of dead processes: {run.info.run_id}" in out.stdout
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
 
     subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
     runs = client.search_runs(run.info.experiment_id)

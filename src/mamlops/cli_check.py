@@ -2,9 +2,9 @@
 
 Apart from ``cli`` because it is the one command with logic of its own (every other command
 is a call into the library): it validates the whole params file, reaches the tracking store,
-and cleans up what killed processes left (DVC's lock, the work folders of a killed download or
-prepare, the temporary files of a killed write), each a failure that would otherwise surface
-minutes later, mid-pipeline.
+and cleans up what killed processes left (DVC's lock, MLflow runs left RUNNING, the work
+folders of a killed download or prepare, the temporary files of a killed write), each a failure
+that would otherwise surface minutes later, mid-pipeline.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ def preflight(params_file: Path) -> list[str]:
     tracking.check_store(uri)
     root = params_file.parent
     dead = release_dead_dvc_locks(root)
+    try:
+        runs, unsearched = tracking.close_dead_runs(uri), None  # a kill -9 left them RUNNING
+    except Exception as exc:  # a server that answers /health but not the runs API: not fatal
+        runs, unsearched = [], " ".join(str(exc).split())[:200]
     # a stage sweeps these itself when it runs, but DVC restores a prepared folder from its
     # run-cache without running prepare, so they would stay until the data changes
     layout = Layout(root)
@@ -39,6 +43,10 @@ def preflight(params_file: Path) -> list[str]:
     lines = []
     if dead:
         lines.append(f"check: released DVC's lock held by dead process(es) {dead} (a kill -9)")
+    if unsearched:
+        lines.append(f"check: could not look for MLflow runs left RUNNING: {redact(unsearched)}")
+    if runs:
+        lines.append(f"check: marked KILLED the MLflow runs of dead processes: {', '.join(runs)}")
     if swept:
         names = ", ".join(str(p) for p in swept)
         lines.append(f"check: removed the work folders of killed stages: {names}")

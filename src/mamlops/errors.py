@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,12 +34,46 @@ class ParamsError(UserError):
     (``datasets/``) check their own ``prepare.<name>`` keys and must not import the configs."""
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, ``dvc queue kill``) inside ``sigterm_as_interrupt``:
+    a KeyboardInterrupt, so that the code a Ctrl-C unwinds (an MLflow run marked KILLED,
+    temporary files removed) runs for it too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``Stopped`` in the main thread instead of ending the
+    process on the spot. Elsewhere (another thread: no signal handlers there) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def reported(prog: str) -> Iterator[None]:
     """Turn a ``UserError`` (or a missing file) raised in the block into ``prog: error: ...``
-    on stderr and exit status 1."""
+    on stderr and exit status 1; a Ctrl-C or a SIGTERM into ``prog: stopped by ...`` and the
+    shell's status for that signal (130, 143), not a 30-line traceback."""
     try:
         yield
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        print(f"{prog}: stopped by {name}; outputs of earlier runs are kept", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
     except (UserError, FileNotFoundError) as exc:
         _report(prog, exc)
     except OSError as exc:

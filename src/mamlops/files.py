@@ -9,17 +9,22 @@ left behind (``sweep_abandoned``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from mamlops.errors import UserError, disk_error
+
+# the renames ``written_together`` holds back until its block ends (None: rename at once)
+_PENDING: ContextVar[list[tuple[str, Path]] | None] = ContextVar("mamlops_pending", default=None)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
@@ -40,13 +45,47 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if (pending := _PENDING.get()) is not None:
+            pending.append((tmp, path))  # renamed as the written_together block ends
+        else:
+            os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and (error := disk_error(exc, path)):
             raise error from None
         raise
     return path
+
+
+@contextlib.contextmanager
+def written_together() -> Iterator[None]:
+    """The files ``atomic_write`` writes inside the block replace their targets together, as
+    the block ends, or none of them if it fails.
+
+    Why: a stage's outputs describe one run (evaluate's metrics, results, CSV and episode PNG;
+    the two theta files). Written one by one, a kill between two of them left a new metrics
+    file beside an old picture. Here all the work, and any failure, comes before the first
+    rename; the renames follow one another in microseconds. A ``kill -9`` inside the block
+    leaves temporary files, named for ``sweep_temporaries``, and the earlier outputs whole.
+    Files read back inside the block are still the earlier ones: log them after it.
+    """
+    pending: list[tuple[str, Path]] = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in pending:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        _PENDING.reset(token)
+    for i, (tmp, path) in enumerate(pending):
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            for rest, _ in pending[i:]:
+                Path(rest).unlink(missing_ok=True)
+            raise disk_error(exc, path) or exc from None
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -27,8 +28,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from mamlops.errors import UserError
-from mamlops.files import file_sha256, folder_digest
+from mamlops.errors import UserError, sigterm_as_interrupt
+from mamlops.files import file_sha256, folder_digest, process_alive
 
 EXPERIMENT = "mamlops"
 # MLflow 3 opens an experiment in its GenAI view (traces) unless this tag says otherwise
@@ -84,7 +85,12 @@ def git_commit(start: Path | None = None) -> str | None:
 
 def run_tags(stage: str) -> dict[str, str]:
     """Tags that let a reader find the code and the DVC stage/experiment behind a run."""
-    tags = {"dvc.stage": stage}
+    # who runs it: close_dead_runs marks the run KILLED once this process is gone
+    tags = {
+        "dvc.stage": stage,
+        "mamlops.host": socket.gethostname(),
+        "mamlops.pid": str(os.getpid()),
+    }
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -251,7 +257,9 @@ def start_run(
 
     exp_id = experiment_id(uri=use_store())
     resume = resume_run_id if resume_run_id and _run_in(resume_run_id, exp_id) else None
-    with _sigterm_as_interrupt():
+    if closed := close_dead_runs(keep=resume):
+        print(f"MLflow: marked KILLED the runs of dead processes {closed}", file=sys.stderr)
+    with sigterm_as_interrupt():
         run = mlflow.start_run(
             run_id=resume,
             experiment_id=None if resume else exp_id,
@@ -275,6 +283,33 @@ def start_run(
             _tolerant(mlflow.end_run)(status="FINISHED")
 
 
+def close_dead_runs(uri: str | None = None, keep: str | None = None) -> list[str]:
+    """Mark KILLED this project's RUNNING runs whose process, on this host, is gone.
+
+    A ``kill -9`` skips ``start_run``'s ending, and a run that then starts from scratch (other
+    params) left the killed one RUNNING forever. A run's host and pid are its tags
+    (``run_tags``): runs of live processes, of other hosts, and older runs without the tags are
+    left alone, as is ``keep`` (the run about to be resumed). Called as each stage starts its
+    run and by ``mamlops check``; returns the ids it marked."""
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return []  # no store yet, so nothing ran (and opening it would create it)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return []
+    query = f"attributes.status = 'RUNNING' and tags.`mamlops.host` = '{socket.gethostname()}'"
+    closed = []
+    for run in client.search_runs([exp.experiment_id], query, max_results=1000):
+        pid = run.data.tags.get("mamlops.pid", "")
+        if run.info.run_id != keep and pid.isdigit() and not process_alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
 def _run_in(run_id: str, exp_id: str) -> bool:
     """Whether this store holds the active run ``run_id`` in experiment ``exp_id``."""
     import mlflow
@@ -285,27 +320,6 @@ def _run_in(run_id: str, exp_id: str) -> bool:
     except MlflowException:
         return False
     return info.experiment_id == exp_id and info.lifecycle_stage == "active"
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (``kill``, a job scheduler, ``dvc queue kill``) ends the run like Ctrl-C: the run
-    is marked KILLED instead of staying RUNNING forever. Main thread only (signal handlers)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # the training loop's row keys -> metric names grouped by prefix in the MLflow UI

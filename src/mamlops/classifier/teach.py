@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from mamlops.classifier.onnx_predict import OnnxClassifier
+from mamlops.classifier.onnx_predict import OnnxClassifier, OnnxModelError
 from mamlops.errors import UserError
-from mamlops.files import sweep_abandoned, work_dir
+from mamlops.files import file_sha256, sweep_abandoned, work_dir
 
 if TYPE_CHECKING:  # adapt imports torch: only teaching needs it, imported there
     from mamlops.classifier.adapt import MetaModel
@@ -253,12 +253,13 @@ class ClassifierStore:
         sweep_abandoned(self.root / "deleted", ("old",))
         self.cache_size = cache_size
         self._cache: OrderedDict[str, OnnxClassifier] = OrderedDict()
+        self._hashed: dict[str, tuple[tuple[int, int], str]] = {}  # cid -> (stat key, sha256)
         self._lock = threading.Lock()
 
     def folder(self, cid: str) -> Path:
         """The folder of classifier ``cid``; 404 for an id that is not one (never a path)."""
         if not ID_PATTERN.match(cid) or not (self.root / cid / "model.onnx").is_file():
-            raise TeachError(f"unknown classifier {cid!r}; GET /classifiers lists them", 404)
+            raise self._unknown(cid)
         return self.root / cid
 
     def ids(self) -> list[str]:
@@ -301,9 +302,35 @@ class ClassifierStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return cid, True
 
+    def damage(self, cid: str) -> str | None:
+        """Why the stored ``model.onnx`` of ``cid`` is not the classifier stored under that id
+        (random bytes, another classifier's graph: its SHA-256 no longer starts with the id),
+        or None. Hashed again only when the file's size or time changed."""
+        path = self.folder(cid) / "model.onnx"
+        try:
+            st = path.stat()
+            key = (st.st_mtime_ns, st.st_size)
+            if (known := self._hashed.get(cid)) is None or known[0] != key:
+                known = key, file_sha256(path)
+                self._hashed[cid] = known
+        except FileNotFoundError:  # deleted by a concurrent request
+            raise self._unknown(cid) from None
+        if known[1].startswith(cid):
+            return None
+        return (
+            f"classifier {cid} is damaged: its model.onnx was changed after it was stored "
+            f"(SHA-256 {known[1][:ID_LENGTH]}...); DELETE /classifiers/{cid} and teach it again"
+        )
+
+    @staticmethod
+    def _unknown(cid: str) -> TeachError:
+        return TeachError(f"unknown classifier {cid!r}; GET /classifiers lists them", 404)
+
     def get(self, cid: str) -> OnnxClassifier:
         """The loaded classifier ``cid`` (from the cache, or loaded into it). The folder is
-        checked even on a cache hit: another server on the same store may have deleted it."""
+        checked even on a cache hit: another server on the same store may have deleted it.
+        404 when it is gone (also when a concurrent DELETE wins the race with the load), 409
+        when its stored model is damaged: never a server error."""
         try:
             folder = self.folder(cid)
         except TeachError:
@@ -314,7 +341,19 @@ class ClassifierStore:
             if cid in self._cache:
                 self._cache.move_to_end(cid)
                 return self._cache[cid]
-        clf = OnnxClassifier(folder / "model.onnx", intra_op_threads=1)
+        if why := self.damage(cid):
+            raise TeachError(why, 409)
+        try:
+            clf = OnnxClassifier(folder / "model.onnx", intra_op_threads=1)
+        except (OnnxModelError, OSError) as exc:  # OSError: deleted while being read
+            if not (folder / "model.onnx").is_file():
+                raise self._unknown(cid) from None
+            why = str(exc).removeprefix(f"{folder / 'model.onnx'}: ")  # no server paths
+            raise TeachError(
+                f"classifier {cid} is damaged (model.onnx: {why}); "
+                f"DELETE /classifiers/{cid} and teach it again",
+                409,
+            ) from None
         with self._lock:
             self._cache[cid] = clf
             self._cache.move_to_end(cid)
@@ -326,13 +365,17 @@ class ClassifierStore:
         """What a listing shows of ``cid``, from its small ``info.json``: listing a thousand
         classifiers must not load a thousand onnxruntime sessions. Keys: ``labels``,
         ``model_sha256``, ``meta_model_sha256``, ``provenance``, ``support`` (per class, the
-        file names of its support images)."""
+        file names of its support images), ``damaged`` (``damage``: why it cannot predict)."""
+        damaged = self.damage(cid)
         try:
             info = json.loads((self.folder(cid) / INFO).read_text())
             if {"labels", "model_sha256", "provenance", "support"} <= set(info):
-                return info
+                return {**info, "damaged": damaged}
         except (OSError, ValueError):
             pass
+        if damaged:  # nothing left to describe it by but its name
+            return {"labels": [], "model_sha256": self._hashed[cid][1], "provenance": {},
+                    "support": [], "damaged": damaged}  # fmt: skip
         clf = self.get(cid)  # no or a damaged info.json: the model itself says it all
         names = sorted(p.name for p in (self.folder(cid) / "support").glob("*.png"))
         by_class: list[list[tuple[int, str]]] = [[] for _ in clf.labels]
@@ -345,30 +388,33 @@ class ClassifierStore:
             "meta_model_sha256": clf.raw_metadata.get("meta_model_sha256"),
             "provenance": clf.params,
             "support": [[n for _, n in sorted(imgs)] for imgs in by_class],
+            "damaged": None,
         }
 
     def support_png(self, cid: str, name: str) -> bytes:
         if not re.fullmatch(r"\d+-\d+\.png", name):
             raise TeachError(f"no support image {name!r}", 404)
-        path = self.folder(cid) / "support" / name
-        if not path.is_file():
-            raise TeachError(f"no support image {name!r} in classifier {cid}", 404)
-        return path.read_bytes()
+        try:
+            return (self.folder(cid) / "support" / name).read_bytes()
+        except OSError:  # never there, or deleted by a concurrent request
+            raise TeachError(f"no support image {name!r} in classifier {cid}", 404) from None
 
     def created(self, cid: str) -> float:
-        return (self.folder(cid) / "model.onnx").stat().st_mtime
+        try:
+            return (self.folder(cid) / "model.onnx").stat().st_mtime
+        except FileNotFoundError:  # deleted by a concurrent request
+            raise self._unknown(cid) from None
 
     def delete(self, cid: str) -> None:
         """Remove ``cid``: renamed out of the store first, so no reader sees half of it."""
         folder = self.folder(cid)
         with self._lock:
             self._cache.pop(cid, None)
+            self._hashed.pop(cid, None)
         trash = work_dir(self.root / "deleted", "old")
         try:
             os.rename(folder, trash)
         except FileNotFoundError:  # deleted by a concurrent request
-            raise TeachError(
-                f"unknown classifier {cid!r}; GET /classifiers lists them", 404
-            ) from None
+            raise self._unknown(cid) from None
         finally:
             shutil.rmtree(trash, ignore_errors=True)

@@ -36,7 +36,7 @@ from mamlops.data.episodes import (
     load_episodes,
 )
 from mamlops.data.splits import resolve_scheme
-from mamlops.files import write_json
+from mamlops.files import write_json, written_together
 from mamlops.hardware import hardware, resolve_device
 from mamlops.meta import maml
 from mamlops.meta.checkpoint import load_theta, theta_file
@@ -300,27 +300,29 @@ def evaluate_stage(
             "hardware": hardware(device),
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        write_json(metrics_path, metrics)
-        write_json(results_path, results)
         rows = steps_rows(result)
-        write_steps_csv(rows, steps_csv)
         tasks = episode_tasks(prepared_dir, episodes, 0, ev.grid_episodes)
-        model_cfg = cfg.network
         preds = predict_tasks(
             theta,
             tasks,
-            model_cfg,
+            cfg.network,
             result["steps"],
             result["inner_lr"],
             label_smoothing=cfg.maml.label_smoothing,
         )
-        episode_grid(
-            tasks,
-            preds,
-            grid_png,
-            episodes=ev.grid_episodes,
-            title=f"{cfg.name}: test episodes after {result['steps']} steps (support-set BN)",
-        )
+        # the four outputs of one evaluation, or the earlier run's four: a kill while the picture
+        # was drawn left new metrics beside an old picture (issue 25)
+        with written_together():
+            write_json(metrics_path, metrics)
+            write_json(results_path, results)
+            write_steps_csv(rows, steps_csv)
+            episode_grid(
+                tasks,
+                preds,
+                grid_png,
+                episodes=ev.grid_episodes,
+                title=f"{cfg.name}: test episodes after {result['steps']} steps (support-set BN)",
+            )
         tracking.set_tags({f"mamlops.{k}": str(v) for k, v in results.items()})
         named = {f"eval/{k}": v for k, v in metrics.items()}
         tracking.log_metrics(named)

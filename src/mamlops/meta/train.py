@@ -30,7 +30,7 @@ from mamlops.data.episodes import (
 )
 from mamlops.data.splits import resolve_scheme
 from mamlops.errors import UserError
-from mamlops.files import sweep_temporaries
+from mamlops.files import sweep_temporaries, written_together
 from mamlops.hardware import resolve_device
 from mamlops.meta import distributed, graph_step, maml, mamlpp
 from mamlops.meta.checkpoint import (
@@ -323,14 +323,15 @@ def train(
     # theta files only here, at the end, both together: a run killed midway leaves the previous
     # run's pair as it was, never a new best beside an old final (the best so far lives in
     # the checkpoint until then)
-    if final_step == cfg.iterations and world.main:
-        # both files every time, also when a resume finds the run already done: DVC deleted
-        # them before it ran the stage (the last iteration always validates, so a best exists)
-        save_theta(params, theta_file(out_dir, "final"), cfg, final_step)
-    if world.main and best_params is not None:
-        # a run stopped early on purpose (budget_s, stop_after: a GPU slot) keeps its best,
-        # validated where it stopped, to be scored; its final theta comes when it completes
-        save_theta(best_params, theta_file(out_dir, "best"), cfg, best_step)
+    with written_together():
+        if final_step == cfg.iterations and world.main:
+            # both files every time, also when a resume finds the run already done: DVC deleted
+            # them before it ran the stage (the last iteration always validates: a best exists)
+            save_theta(params, theta_file(out_dir, "final"), cfg, final_step)
+        if world.main and best_params is not None:
+            # a run stopped early on purpose (budget_s, stop_after: a GPU slot) keeps its best,
+            # validated where it stopped, to be scored; its final theta comes when it completes
+            save_theta(best_params, theta_file(out_dir, "best"), cfg, best_step)
     seconds = seconds_before + time.perf_counter() - t0  # the whole run's, over its sessions
     return TrainResult(
         step=final_step,

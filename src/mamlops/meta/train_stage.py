@@ -16,7 +16,7 @@ import torch
 
 from mamlops import tracking
 from mamlops.config import TrainConfig
-from mamlops.files import write_json, write_text
+from mamlops.files import write_json, write_text, written_together
 from mamlops.hardware import hardware, resolve_device
 from mamlops.meta import distributed
 from mamlops.meta.checkpoint import CHECKPOINT, resumable_run, resume_key, theta_file
@@ -109,16 +109,17 @@ def train_stage(
                 world=world,
                 device=device,
             )
-            write_history(result.history, Path(train_tsv), TRAIN_COLUMNS)
-            write_history(result.history, Path(val_tsv), VAL_COLUMNS)
-            curves = training_curves(result.history, curves_png, f"{cfg.name}: meta-training")
             metrics = {  # the few numbers `dvc exp show` compares runs on; the rest is in MLflow
                 "best_val_acc": result.best_val_acc,
                 "best_step": result.best_step,
                 "tasks_per_s": round(result.tasks_per_s, 2),
                 "train_seconds": round(result.seconds, 1),
             }
-            write_json(metrics_path, metrics)
+            with written_together():  # one run's curves and numbers, never half of each
+                write_history(result.history, Path(train_tsv), TRAIN_COLUMNS)
+                write_history(result.history, Path(val_tsv), VAL_COLUMNS)
+                curves = training_curves(result.history, curves_png, f"{cfg.name}: meta-training")
+                write_json(metrics_path, metrics)
             tracking.log_metrics(
                 {
                     "val/best_acc": result.best_val_acc,

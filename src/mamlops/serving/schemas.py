@@ -113,6 +113,11 @@ class ClassifierInfo(BaseModel):
     meta_model_sha256: str | None
     support: list[SupportClass]
     provenance: dict[str, Any] = Field(description="how it was adapted: steps, lr, shots, ...")
+    damaged: str | None = Field(
+        None,
+        description="why it cannot predict (its stored model was changed or damaged; predict "
+        "answers 409): delete it and teach it again. null when healthy",
+    )
 
 
 class TaughtClassifier(ClassifierInfo):
@@ -138,6 +143,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 TEACH_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     404: {"model": ErrorResponse, "description": "unknown classifier, or teaching is off"},
+    409: {"model": ErrorResponse, "description": "the classifier's stored model is damaged"},
     429: {"model": ErrorResponse, "description": "busy teaching: retry after Retry-After s"},
 }
 # POST /classifiers has one form field per class, named by its label: OpenAPI says so here

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mamlops.classifier.teach import ClassifierStore, teach
+from mamlops.classifier.teach import ClassifierStore, TeachError, teach
 from mamlops.serving.predict import TopK, classify
 from mamlops.serving.schemas import (
     TEACH_BODY,
@@ -57,6 +57,7 @@ def info(store: ClassifierStore, cid: str) -> ClassifierInfo:
             for label, names in zip(facts["labels"], facts["support"], strict=True)
         ],
         provenance=facts["provenance"],
+        damaged=facts["damaged"],
     )
 
 
@@ -114,9 +115,15 @@ async def teach_classifier(
     try:
         try:
             form = await request.form(max_files=max_images, max_fields=max_images)
-        except StarletteHTTPException as exc:  # the parser's own count limit: name ours
-            if "Too many" in str(exc.detail):
+        except StarletteHTTPException as exc:  # the parser's own count limits: name ours
+            if "Too many files" in str(exc.detail):
                 raise bad(413, f"over {max_images} images; at most {max_images}") from None
+            if "Too many fields" in str(exc.detail):
+                raise bad(
+                    413,
+                    f"over {max_images} text fields; a teaching form carries image files "
+                    "only, in one field per class named by its label",
+                ) from None
             raise
         support = await read_support(form, max_images, settings.max_upload_bytes)
 
@@ -126,13 +133,19 @@ async def teach_classifier(
             return taught, *t.store.put(taught)
 
         taught, cid, new = await run_in_threadpool(run)
+        for attempt in range(3):  # a DELETE of the id may come between storing and describing
+            try:
+                described = info(t.store, cid)
+                break
+            except TeachError as exc:
+                if exc.status != 404 or attempt == 2:
+                    raise
+                await run_in_threadpool(t.store.put, taught)  # acknowledged: stored again
     finally:
         t.slots.release()
     response.status_code = 201 if new else 200
     response.headers["Location"] = f"/classifiers/{cid}"
-    return TaughtClassifier(
-        **info(t.store, cid).model_dump(), new=new, teach_ms=1000 * taught.seconds
-    )
+    return TaughtClassifier(**described.model_dump(), new=new, teach_ms=1000 * taught.seconds)
 
 
 @router.get("/classifiers", responses=TEACH_ERRORS)
@@ -144,7 +157,13 @@ def list_classifiers(
     """The taught classifiers, the most recent first, a page at a time."""
     store = teaching_on(teacher).store
     ids = store.ids()
-    page = [info(store, cid) for cid in ids[offset : offset + limit]]
+    page = []
+    for cid in ids[offset : offset + limit]:
+        try:
+            page.append(info(store, cid))
+        except TeachError as exc:  # deleted by a concurrent request since ids()
+            if exc.status != 404:
+                raise
     return ClassifierList(classifiers=page, total=len(ids))
 
 

@@ -42,15 +42,23 @@ FORM_LIMITS = {"max_files": MAX_FILES}
 # ----------------------------------------------------------------------------- upload gate
 
 
-async def _read_capped(headers: Headers, receive: Receive, limit: int) -> bytes:
+def size_text(n: int) -> str:
+    """``10485760`` -> ``10 MB``, ``65536`` -> ``64 KB``: sizes as a person reads them (the
+    limit is set in MB, ``--max-upload-mb``), not a raw byte count."""
+    return f"{n / 2**20:.3g} MB" if n >= 2**20 else f"{n / 2**10:.3g} KB"
+
+
+async def _read_capped(headers: Headers, receive: Receive, limit: int, wanted: str) -> bytes:
     """The whole request body, refusing (413) as soon as it is known to exceed ``limit``: by
-    Content-Length before reading anything, else by counting while reading."""
+    Content-Length before reading anything, else by counting while reading. ``wanted`` says
+    what the route expects, for the messages."""
     ctype = headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
-        raise bad(415, f"expected multipart/form-data with field {FIELD!r}, got {ctype!r}")
+        raise bad(415, f"expected multipart/form-data with {wanted}, got {ctype!r}")
     declared = headers.get("content-length")
+    too_big = f"exceeds the limit of {size_text(limit)} (the server's --max-upload-mb)"
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise bad(413, f"upload of {declared} bytes exceeds the limit of {limit} bytes")
+        raise bad(413, f"upload of {size_text(int(declared))} {too_big}")
     chunks, size, more = [], 0, True
     while more:
         message = await receive()
@@ -59,10 +67,10 @@ async def _read_capped(headers: Headers, receive: Receive, limit: int) -> bytes:
         chunk, more = message.get("body", b""), message.get("more_body", False)
         size += len(chunk)
         if size > limit:
-            raise bad(413, f"upload exceeds the limit of {limit} bytes")
+            raise bad(413, f"upload {too_big}")
         chunks.append(chunk)
     if not size:
-        raise bad(400, f"empty request body: send images as multipart field {FIELD!r}")
+        raise bad(400, f"empty request body: send {wanted}")
     return b"".join(chunks)
 
 
@@ -91,8 +99,13 @@ class UploadGate:
         if scope["type"] != "http" or not takes_uploads(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
+        wanted = (  # the teaching route's form differs from the predict routes'
+            "one form field per class, named by its label, holding its images"
+            if scope["path"] == "/classifiers"
+            else f"the images in form field {FIELD!r}"
+        )
         try:
-            body = await _read_capped(Headers(scope=scope), receive, self.limit)
+            body = await _read_capped(Headers(scope=scope), receive, self.limit, wanted)
         except HTTPException as exc:
             response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
             await response(scope, receive, send)
@@ -160,13 +173,19 @@ def decode_images(uploads: list[tuple[str, bytes]], dataset: str) -> np.ndarray:
         try:
             im = Image.open(io.BytesIO(data))
             if im.width * im.height > MAX_PIXELS:
-                raise bad(413, f"{name}: {im.width}x{im.height} image is too large to decode")
+                raise bad(
+                    413,
+                    f"{name}: {im.width}x{im.height} image is too large; at most {MAX_PIXELS:,} "
+                    f"pixels (4096x4096): shrink it (the model sees it at 28x28 or 84x84)",
+                )
             with _decoding:
                 im.load()
                 rows.append(preprocess.read_image(im, dataset))
             del im
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise bad(400, f"{name}: not a readable image ({type(exc).__name__})") from exc
+        except UnidentifiedImageError as exc:
+            raise bad(400, f"{name}: not a readable image; send a PNG, JPEG, GIF or BMP") from exc
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise bad(400, f"{name}: not a readable image (damaged or cut short)") from exc
         except UserError as exc:  # preprocess.ImageError: a mode or shape it cannot convert
             raise bad(400, f"{name}: {exc}") from exc
     return np.stack(rows)
