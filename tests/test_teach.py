@@ -413,3 +413,28 @@ def test_a_classifier_gone_or_damaged_is_never_a_5xx(trained_theta, drawings, tm
     allowed = {"POST": {200, 201, 404, 429}, "DELETE": {204, 404}}
     assert statuses, "the storm never ran"
     assert all(code in allowed[m] for m, code in statuses), sorted(set(statuses))
+
+
+def test_info_json_is_a_cache_checked_against_the_model(server, drawings) -> None:
+    """Issue 25: a hand-edited info.json changed the labels GET showed while predict used the
+    model's own. The model's metadata is the truth: an info.json that disagrees is passed
+    over. The metadata is read from the file's bytes as onnxruntime reads it."""
+    import random
+
+    from mamlops.classifier.onnx_metadata import read_metadata
+    from mamlops.classifier.onnx_predict import OnnxClassifier
+
+    client, store = server["client"], server["store"]
+    cid = client.post("/classifiers", files=_pair(drawings, "h1", "h2")).json()["id"]
+    model = store / cid / "model.onnx"
+    assert read_metadata(model.read_bytes()) == OnnxClassifier(model).raw_metadata
+    info = json.loads((store / cid / "info.json").read_text())
+    (store / cid / "info.json").write_text(json.dumps({**info, "labels": ["X", "Y"]}))
+    assert client.get(f"/classifiers/{cid}").json()["labels"] == ["h1", "h2"]
+    listed = {c["id"]: c["labels"] for c in client.get("/classifiers").json()["classifiers"]}
+    assert listed[cid] == ["h1", "h2"]
+    predicted = client.post(f"/classifiers/{cid}/predict", files=query_files(drawings)).json()
+    assert {p["label"] for p in predicted["predictions"]} <= {"h1", "h2"}
+    for junk in (random.Random(0).randbytes(4000), model.read_bytes()[:-100], b"\x08"):
+        with pytest.raises(ValueError, match="not an ONNX model"):
+            read_metadata(junk)

@@ -69,10 +69,14 @@ def drawings(tmp_path_factory: pytest.TempPathFactory) -> Drawings:
 
 
 @pytest.fixture(scope="module")
-def server(trained_theta, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def server(trained_theta, store: Path) -> Iterator[str]:
     """``mamlops serve --meta`` on the briefly trained meta-model, with an empty store."""
     port = free_port()
-    store = tmp_path_factory.mktemp("store")
     cmd = [sys.executable, "-m", "mamlops", "serve", "--meta", str(trained_theta.path)]
     cmd += ["--store", str(store), "--port", str(port)]
     with http_process(cmd, f"http://127.0.0.1:{port}", "/health", 120) as url:
@@ -211,3 +215,20 @@ def test_a_taught_page_fits_a_phone(server, drawings, tmp_path) -> None:
             phone.screenshot(Path(os.environ["MAMLOPS_SCREENSHOT_DIR"]) / "teach-390.png", True)
     assert wide == [], wide
     assert phone.js is not None and lines <= 4, f"the status takes {lines} lines"
+
+
+def test_a_damaged_classifier_is_marked_in_the_list(page, drawings, server, store) -> None:
+    """A classifier whose stored model.onnx was replaced is listed as damaged, with what to do,
+    and cannot be picked for testing; Delete still removes it (issue 25 #1)."""
+    files = [(k, (f"{k}.png", drawings.support(k).read_bytes(), "image/png")) for k in LABELS[:2]]
+    cid = httpx.post(f"{server}/classifiers", files=files).json()["id"]
+    (store / cid / "model.onnx").write_bytes(b"not an ONNX model any more")
+    web = page.web
+    item = f'#classifiers .classifier[data-id="{cid}"]'
+    web.click(web.find("#refresh"))
+    web.wait(f"return !!document.querySelector('{item}.damaged')", 10, "marked damaged")
+    assert web.js(f"return document.querySelector('{item} button.use').disabled")
+    sub = web.js(f"return document.querySelector('{item} .sub').textContent")
+    assert "damaged: delete it and teach it again" in sub
+    web.click(web.find(f"{item} button.delete"))
+    web.wait(f"return !document.querySelector('{item}')", 10, "the classifier gone")

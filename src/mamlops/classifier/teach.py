@@ -42,9 +42,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from mamlops.classifier.onnx_metadata import read_metadata
 from mamlops.classifier.onnx_predict import OnnxClassifier, OnnxModelError
 from mamlops.errors import UserError
-from mamlops.files import file_sha256, sweep_abandoned, work_dir
+from mamlops.files import sweep_abandoned, work_dir
 
 if TYPE_CHECKING:  # adapt imports torch: only teaching needs it, imported there
     from mamlops.classifier.adapt import MetaModel
@@ -253,7 +254,8 @@ class ClassifierStore:
         sweep_abandoned(self.root / "deleted", ("old",))
         self.cache_size = cache_size
         self._cache: OrderedDict[str, OnnxClassifier] = OrderedDict()
-        self._hashed: dict[str, tuple[tuple[int, int], str]] = {}  # cid -> (stat key, sha256)
+        # cid -> (stat key, sha256, labels) of its model.onnx: the source of truth info.json caches
+        self._facts: dict[str, tuple[tuple[int, int], str, list[str] | None]] = {}
         self._lock = threading.Lock()
 
     def folder(self, cid: str) -> Path:
@@ -306,21 +308,32 @@ class ClassifierStore:
         """Why the stored ``model.onnx`` of ``cid`` is not the classifier stored under that id
         (random bytes, another classifier's graph: its SHA-256 no longer starts with the id),
         or None. Hashed again only when the file's size or time changed."""
+        sha, _ = self._model_facts(cid)
+        if sha.startswith(cid):
+            return None
+        return (
+            f"classifier {cid} is damaged: its model.onnx was changed after it was stored "
+            f"(SHA-256 {sha[:ID_LENGTH]}...); DELETE /classifiers/{cid} and teach it again"
+        )
+
+    def _model_facts(self, cid: str) -> tuple[str, list[str] | None]:
+        """The SHA-256 of the stored model of ``cid`` and the labels of its metadata (None
+        when unreadable), read again only when the file's size or time changed."""
         path = self.folder(cid) / "model.onnx"
         try:
             st = path.stat()
             key = (st.st_mtime_ns, st.st_size)
-            if (known := self._hashed.get(cid)) is None or known[0] != key:
-                known = key, file_sha256(path)
-                self._hashed[cid] = known
+            if (known := self._facts.get(cid)) is None or known[0] != key:
+                data = path.read_bytes()
+                try:
+                    labels = json.loads(read_metadata(data)["labels"])
+                except (ValueError, KeyError):
+                    labels = None
+                known = key, hashlib.sha256(data).hexdigest(), labels
+                self._facts[cid] = known
         except FileNotFoundError:  # deleted by a concurrent request
             raise self._unknown(cid) from None
-        if known[1].startswith(cid):
-            return None
-        return (
-            f"classifier {cid} is damaged: its model.onnx was changed after it was stored "
-            f"(SHA-256 {known[1][:ID_LENGTH]}...); DELETE /classifiers/{cid} and teach it again"
-        )
+        return known[1], known[2]
 
     @staticmethod
     def _unknown(cid: str) -> TeachError:
@@ -367,16 +380,21 @@ class ClassifierStore:
         ``model_sha256``, ``meta_model_sha256``, ``provenance``, ``support`` (per class, the
         file names of its support images), ``damaged`` (``damage``: why it cannot predict)."""
         damaged = self.damage(cid)
+        sha, labels = self._model_facts(cid)
         try:
             info = json.loads((self.folder(cid) / INFO).read_text())
-            if {"labels", "model_sha256", "provenance", "support"} <= set(info):
+            # a cache of the model's own facts: used only while it agrees with them
+            if {"labels", "model_sha256", "provenance", "support"} <= set(info) and (
+                damaged or info["labels"] == labels
+            ):
                 return {**info, "damaged": damaged}
         except (OSError, ValueError):
             pass
         if damaged:  # nothing left to describe it by but its name
-            return {"labels": [], "model_sha256": self._hashed[cid][1], "provenance": {},
-                    "support": [], "damaged": damaged}  # fmt: skip
-        clf = self.get(cid)  # no or a damaged info.json: the model itself says it all
+            return {"labels": [], "model_sha256": sha, "provenance": {}, "support": [],
+                    "damaged": damaged}  # fmt: skip
+        # no, a damaged or an edited info.json: the model itself says it all
+        clf = self.get(cid)
         names = sorted(p.name for p in (self.folder(cid) / "support").glob("*.png"))
         by_class: list[list[tuple[int, str]]] = [[] for _ in clf.labels]
         for name in names:
@@ -410,7 +428,7 @@ class ClassifierStore:
         folder = self.folder(cid)
         with self._lock:
             self._cache.pop(cid, None)
-            self._hashed.pop(cid, None)
+            self._facts.pop(cid, None)
         trash = work_dir(self.root / "deleted", "old")
         try:
             os.rename(folder, trash)
