@@ -58,8 +58,10 @@ plots: install
 
 # The MLflow UI on this project's store. MLflow 3.17 opens experiments in its GenAI view unless
 # the URL (or the sidebar's "Model training" switch, remembered per browser) says otherwise.
+# the URL of the project experiment's runs table in MLflow's training view: the experiment list's
+# link opens MLflow 3's GenAI view instead (docs/training.md)
 mlflow-ui: install
-	@echo "open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	@echo "open http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c 'from mamlops import tracking; print(tracking.experiment_id())')/runs?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # Teach classifiers in a browser: the meta-model `make run` trained, served with the page at
