@@ -144,8 +144,9 @@ def test_page_teaches_and_classifies_like_the_library(page, drawings, trained_th
 
 
 def test_drawn_shots_and_errors(page, drawings, tmp_path) -> None:
-    """A stroke drawn on a card becomes a shot; one class is refused by the page, an
-    unreadable image by the server, each with its message in #status and state "error"."""
+    """A stroke drawn on a card becomes a shot; one class is refused by the page, and so is a
+    file that is no image, when it is added (it was taken into the class and refused by the
+    server only at Teach; issue 25), each with its message in #status."""
     web = page.web
     page.draw_shot(0, [[(20, 30), (60, 90), (110, 40)], [(30, 110), (100, 110)]])
     web.click(web.find("#teach"))
@@ -157,13 +158,11 @@ def test_drawn_shots_and_errors(page, drawings, tmp_path) -> None:
     page.wait_shots(0, 0)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a PNG at all")
-    page.upload(0, [broken])
-    page.upload(1, [drawings.support(LABELS[1])])
-    web.click(page.card(2, "button.remove-class"))  # the third, empty class
-    assert page.count(".class-card") == 2
-    web.click(web.find("#teach"))
-    page.wait_state("error")
-    assert "broken.png: not a readable image" in status(web)  # the server's detail
+    web.send_files(page.card(0, "input.upload"), [broken, drawings.support(LABELS[0])])
+    page.wait_shots(0, 1)  # the drawing taken, the text file not
+    web.wait("return document.querySelector('#status.error') !== null", 10, "the refusal")
+    assert "broken.png: not an image this browser can read" in status(web)
+    assert "not added" in status(web)
 
 
 def test_a_stored_classifier_is_picked_and_deleted(page, drawings, server) -> None:
@@ -184,6 +183,16 @@ def test_a_stored_classifier_is_picked_and_deleted(page, drawings, server) -> No
     assert web.js("return document.querySelector('#classifier-id').textContent") == cid
     predicted = page.classify_files([drawings.queries()[0]])
     assert set(predicted.values()) <= {"char A", "char B"}
+    # a file that is no image among test files: skipped and named, the others classified
+    broken = drawings.root / "notes.png"
+    broken.write_bytes(b"hello, not an image")
+    web.send_files(web.find("#test-upload"), [broken, drawings.queries()[1]])
+    rows = "document.querySelectorAll('#file-predictions .prediction')"
+    web.wait(f"return {rows}.length === 1 && {rows}[0].dataset.filename === "
+             f"'{drawings.queries()[1].name}'", 30, "the readable file classified")  # fmt: skip
+    web.wait("return document.querySelector('#status').textContent.includes('skipped')", 10,
+             "the skipped file named")  # fmt: skip
+    assert "notes.png: not an image this browser can read" in status(web)
 
     web.click(web.find(f"{item} button.delete"))
     web.wait(f"return !document.querySelector('{item}')", 10, "the classifier gone")
