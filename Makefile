@@ -57,9 +57,9 @@ plots: install
 	$(BIN)/python scripts/dvc_plots_offline.py
 
 # The MLflow UI on this project's store. MLflow 3.17 opens experiments in its GenAI view unless
-# the URL (or the sidebar's "Model training" switch, remembered per browser) says otherwise.
-# the URL of the project experiment's runs table in MLflow's training view: the experiment list's
-# link opens MLflow 3's GenAI view instead (docs/training.md)
+# the URL (or the sidebar's "Model training" switch, remembered per browser) says otherwise, and
+# a click in its experiment list drops the URL's choice: so the URL printed is the project
+# experiment's runs table itself (docs/training.md)
 mlflow-ui: install
 	@echo "open http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c 'from mamlops import tracking; print(tracking.experiment_id())')/runs?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -91,16 +91,11 @@ def test_stage_runs_nest_and_find_the_training_run(
     assert tracking.find_training_run(theta, "best") is None
 
 
-def test_sigterm_marks_the_run_killed(store: str, tmp_path: Path) -> None:
-    """`kill <pid>` (SIGTERM) of a stage mid-run: the run ends KILLED, not RUNNING forever, and
-    the stage says so in one line with the shell's status for SIGTERM (it printed a 30-line
-    ``KeyboardInterrupt: signal 15`` traceback; issue 25)."""
-    import os
-    import signal
+def _child_run():
+    """A child process inside a stage's MLflow run (``reported`` around it, as in a stage
+    script), until it is stopped; (the process, its run id)."""
     import subprocess
     import sys
-
-    import mlflow
 
     code = (
         "import time\nfrom mamlops import tracking\nfrom mamlops.errors import reported\n"
@@ -113,6 +108,19 @@ def test_sigterm_marks_the_run_killed(store: str, tmp_path: Path) -> None:
     )
     run_id = proc.stdout.readline().strip()
     assert run_id, "the child never started its run"
+    return proc, run_id
+
+
+def test_sigterm_marks_the_run_killed(store: str, tmp_path: Path) -> None:
+    """`kill <pid>` (SIGTERM) of a stage mid-run: the run ends KILLED, not RUNNING forever, and
+    the stage says so in one line with the shell's status for SIGTERM (it printed a 30-line
+    ``KeyboardInterrupt: signal 15`` traceback; issue 25)."""
+    import os
+    import signal
+
+    import mlflow
+
+    proc, run_id = _child_run()
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     err = proc.stderr.read()
@@ -132,15 +140,7 @@ def test_the_runs_of_killed_processes_are_marked_killed(store: str) -> None:
 
     import mlflow
 
-    code = (
-        "import time\nfrom mamlops import tracking\n"
-        "with tracking.start_run('train@t', system_metrics=False) as run:\n"
-        "    print(run.info.run_id, flush=True)\n"
-        "    time.sleep(120)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    killed = proc.stdout.readline().strip()
-    assert killed, "the child never started its run"
+    proc, killed = _child_run()
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     client = mlflow.MlflowClient(store)

@@ -37,8 +37,8 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         # host and pid in the name: a kill -9 skips the cleanup below, and sweep_temporaries
         # must know whose leftover it is
-        owner = f"{socket.gethostname()}-{os.getpid()}"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner}-", suffix=".tmp", dir=path.parent)
+        prefix = f".{path.name}.{_owner()}-"
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise disk_error(exc, path) or exc from None
     os.close(fd)
@@ -124,7 +124,7 @@ def work_dir(dest: str | Path, kind: str = "tmp") -> Path:
     """A new empty folder beside ``dest``: ``.<name>-<kind>-<host>-<pid>-<random>``."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{dest.name}-{kind}-{socket.gethostname()}-{os.getpid()}-"
+    prefix = f".{dest.name}-{kind}-{_owner()}-"
     return Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
 
 
@@ -134,15 +134,13 @@ def sweep_abandoned(dest: str | Path, kinds: tuple[str, ...] = ("tmp", "old")) -
     Folders of live processes, of other hosts (a shared file system) and of unknown naming are
     left alone. Returns what was removed.
     """
-    dest, removed, host = Path(dest), [], socket.gethostname()
+    dest, removed = Path(dest), []
     for kind in kinds:
         prefix = f".{dest.name}-{kind}-"
         for path in sorted(dest.parent.glob(prefix + "*")):
             # host-pid-suffix: a host name may contain dashes, the pid and mkdtemp's suffix do not
             parts = path.name[len(prefix) :].rsplit("-", 2)
-            if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-                continue
-            if not process_alive(int(parts[1])):
+            if len(parts) == 3 and _owner_gone(*parts[:2]):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
@@ -161,11 +159,21 @@ def sweep_temporaries(folder: str | Path, recursive: bool = False) -> list[Path]
         return removed
     for path in sorted((folder.rglob if recursive else folder.glob)(".*.tmp")):
         head, _, rest = path.name.removesuffix(".tmp").rpartition(f".{host}-")
-        pid = rest.split("-", 1)[0]
-        if head and pid.isdigit() and path.is_file() and not process_alive(int(pid)):
+        if head and path.is_file() and _owner_gone(host, rest.split("-", 1)[0]):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def _owner() -> str:
+    """``<host>-<pid>``: whose work folder or temporary file a name says it is."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _owner_gone(host: str, pid: str) -> bool:
+    """Whether the owner a name gives is a process of this host that no longer runs; False
+    for another host's (a shared file system) and for a pid that is not a number."""
+    return host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
 
 
 def process_alive(pid: int) -> bool:

@@ -255,9 +255,10 @@ def start_run(
     """
     import mlflow
 
-    exp_id = experiment_id(uri=use_store())
+    uri = use_store()
+    exp_id = experiment_id(uri=uri)
     resume = resume_run_id if resume_run_id and _run_in(resume_run_id, exp_id) else None
-    if closed := close_dead_runs(keep=resume):
+    if closed := close_dead_runs(uri, keep=resume):
         print(f"MLflow: marked KILLED the runs of dead processes {closed}", file=sys.stderr)
     with sigterm_as_interrupt():
         run = mlflow.start_run(

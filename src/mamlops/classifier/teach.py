@@ -233,6 +233,10 @@ def _png(image: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def _damaged(cid: str, why: str) -> str:
+    return f"classifier {cid} is damaged: {why}; DELETE /classifiers/{cid} and teach it again"
+
+
 class ClassifierStore:
     """Taught classifiers on disk under ``root``, by id; the hot ones loaded in an LRU cache.
 
@@ -308,13 +312,14 @@ class ClassifierStore:
         """Why the stored ``model.onnx`` of ``cid`` is not the classifier stored under that id
         (random bytes, another classifier's graph: its SHA-256 no longer starts with the id),
         or None. Hashed again only when the file's size or time changed."""
-        sha, _ = self._model_facts(cid)
+        return self._damage(cid, self._model_facts(cid)[0])
+
+    @staticmethod
+    def _damage(cid: str, sha: str) -> str | None:
         if sha.startswith(cid):
             return None
-        return (
-            f"classifier {cid} is damaged: its model.onnx was changed after it was stored "
-            f"(SHA-256 {sha[:ID_LENGTH]}...); DELETE /classifiers/{cid} and teach it again"
-        )
+        why = f"its model.onnx was changed after it was stored (SHA-256 {sha[:ID_LENGTH]}...)"
+        return _damaged(cid, why)
 
     def _model_facts(self, cid: str) -> tuple[str, list[str] | None]:
         """The SHA-256 of the stored model of ``cid`` and the labels of its metadata (None
@@ -362,11 +367,7 @@ class ClassifierStore:
             if not (folder / "model.onnx").is_file():
                 raise self._unknown(cid) from None
             why = str(exc).removeprefix(f"{folder / 'model.onnx'}: ")  # no server paths
-            raise TeachError(
-                f"classifier {cid} is damaged (model.onnx: {why}); "
-                f"DELETE /classifiers/{cid} and teach it again",
-                409,
-            ) from None
+            raise TeachError(_damaged(cid, f"its model.onnx: {why}"), 409) from None
         with self._lock:
             self._cache[cid] = clf
             self._cache.move_to_end(cid)
@@ -379,8 +380,8 @@ class ClassifierStore:
         classifiers must not load a thousand onnxruntime sessions. Keys: ``labels``,
         ``model_sha256``, ``meta_model_sha256``, ``provenance``, ``support`` (per class, the
         file names of its support images), ``damaged`` (``damage``: why it cannot predict)."""
-        damaged = self.damage(cid)
         sha, labels = self._model_facts(cid)
+        damaged = self._damage(cid, sha)
         try:
             info = json.loads((self.folder(cid) / INFO).read_text())
             # a cache of the model's own facts: used only while it agrees with them
