@@ -298,12 +298,15 @@ class ClassifierStore:
             }
             (tmp / INFO).write_text(json.dumps(info, sort_keys=True, default=str))
             (tmp / "model.onnx").write_bytes(taught.onnx)
-            try:
-                os.rename(tmp, dest)
-            except OSError:  # another request stored the same classifier first
-                if not (dest / "model.onnx").is_file():
-                    raise
-                return cid, False
+            for attempt in range(3):
+                try:
+                    os.rename(tmp, dest)
+                    break
+                except OSError:  # another request stored the same classifier first
+                    if (dest / "model.onnx").is_file():
+                        return cid, False
+                    if attempt == 2:  # ... and a DELETE removed it again before the check
+                        raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return cid, True
