@@ -59,9 +59,9 @@ plots: install
 # The MLflow UI on this project's store. MLflow 3.17 opens experiments in its GenAI view unless
 # the URL (or the sidebar's "Model training" switch, remembered per browser) says otherwise, and
 # a click in its experiment list drops the URL's choice: so the URL printed is the project
-# experiment's runs table itself (docs/training.md)
+# experiment's runs table itself, with the key metric and param columns (mlflow_ui.py)
 mlflow-ui: install
-	@echo "open http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c 'from mamlops import tracking; print(tracking.experiment_id())')/runs?workflowType=machine_learning"
+	@echo "open http://127.0.0.1:5000/$$($(BIN)/python -c 'from mamlops import mlflow_ui, tracking; print(mlflow_ui.runs_page(tracking.experiment_id()))')"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # Teach classifiers in a browser: the meta-model `make run` trained, served with the page at

@@ -21,12 +21,14 @@ and, once, npm (for Vega, see dvc_plots_offline.py). Nothing is fetched from the
 
 ``mlflow ui`` is started on a free port against ``sqlite:///<repo>/mlflow.db`` (telemetry off)
 and stopped at the end. Pages are opened with ``?workflowType=machine_learning``: MLflow 3.17
-otherwise shows the GenAI view (traces) of an experiment, whatever its tags say.
+otherwise shows the GenAI view (traces) of an experiment, whatever its tags say; the runs table
+at the address ``make mlflow-ui`` prints (``mlflow_ui.runs_page``: the key columns), as a user
+opens it.
 
 Chromium is driven through chromedriver's W3C WebDriver HTTP API with urllib (webdriver.py)
 rather than ``chromium --headless --screenshot``: that one can wait for JavaScript
-(``--virtual-time-budget``), but it cannot close MLflow's assistant panel or pick the runs
-table's columns (both in localStorage), wait for a given text, size a full-page shot, or draw
+(``--virtual-time-budget``), but it cannot close MLflow's assistant panel (in localStorage),
+wait for a given text, size a full-page shot, or draw
 and upload on the teaching page; and talking HTTP to chromedriver keeps selenium out of the
 project's dependencies.
 """
@@ -50,12 +52,11 @@ import dvc_plots_offline  # noqa: E402
 from teach_page import TeachPage  # noqa: E402
 from webdriver import BrowserError, WebDriver, browser, free_port, process  # noqa: E402
 
+from mamlops import mlflow_ui, tracking  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "mamlops"
 MODEL_PREFIX = "mamlops-"
-# runs-table columns, those present are shown (MLflow's own default is Source/Models/Dataset)
-METRIC_COLUMNS = ("eval/acc_transductive", "eval/acc_support", "val/best_acc", "train/tasks_per_s")
-PARAM_COLUMNS = ("setting", "train.inner_lr", "train.meta_batch", "train.iterations")
 # charts shown (by MLflow's chart search, a regex), those present: the runs compared on test and
 # validation accuracy; the training run's curves
 COMPARE_CHARTS = ("eval/acc_transductive", "eval/acc_support", "val/best_acc")
@@ -98,41 +99,23 @@ def _mlflow_ids(uri: str) -> dict[str, Any]:
         raise SystemExit(f'no training run in experiment "{EXPERIMENT}" of {uri}')
     models = client.search_registered_models(f"name LIKE '{MODEL_PREFIX}%'")
     models.sort(key=lambda m: m.last_updated_timestamp or 0, reverse=True)
-    metrics = {k for r in runs for k in r.data.metrics}
-    params = {k for r in runs for k in r.data.params}
-    columns = [f"metrics.`{k}`" for k in METRIC_COLUMNS if k in metrics]
-    columns += [f"params.`{k}`" for k in PARAM_COLUMNS if k in params]
     return {
-        "experiment": exp.experiment_id,
+        "experiment": tracking.experiment_id(uri=uri),  # its tags as the current code sets them
         "run": training[0],
         # top-level runs only: evaluate/export are child rows, collapsed in the list
         "run_names": [r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags],
         "model": models[0] if models else None,
-        "columns": columns,
-        "metrics": metrics,
+        "metrics": {k for r in runs for k in r.data.metrics},
     }
 
 
-def _prepare_storage(web: WebDriver, base: str, ids: dict[str, Any]) -> None:
-    """localStorage of the MLflow origin: assistant panel closed, the runs table's columns."""
+def _prepare_storage(web: WebDriver, base: str) -> None:
+    """localStorage of the MLflow origin: the assistant panel closed (it covers the table)."""
     web.get(f"{base}/health")  # any page of the origin, without the app
-    state = {  # MLflow's ExperimentPage state, its defaults but the columns
-        "searchFilter": "",
-        "orderByKey": "attributes.start_time",
-        "orderByAsc": False,
-        "startTime": "ALL",
-        "lifecycleFilter": "Active",
-        "datasetsFilter": [],
-        "modelVersionFilter": "All Runs",
-        "selectedColumns": ["attributes.`Source`", "attributes.`Models`", *ids["columns"]],
-    }
     items = {
         "mlflow.assistant.panelOpen_v1": "false",
         "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true",
         "mlflow.workflowType_v1": json.dumps("machine_learning"),
-        f'MLflowLocalStorage-1.1-ExperimentPage-["{ids["experiment"]}"]-ReactComponentState': (
-            json.dumps(state)
-        ),
     }
     web.js("for (const [k, v] of Object.entries(arguments[0])) localStorage.setItem(k, v)", items)
 
@@ -156,12 +139,12 @@ def shoot_mlflow(web: WebDriver, out: Path, db: Path) -> None:
     env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     log = Path(tempfile.gettempdir()) / "screenshots-mlflow-ui.log"  # kept if the UI fails
     with log.open("wb") as fh, process(args, f"{base}/health", 120, stdout=fh, stderr=fh, env=env):
-        _prepare_storage(web, base, ids)
+        _prepare_storage(web, base)
         exp, run = ids["experiment"], ids["run"]
         ml = "workflowType=machine_learning"
 
-        web.get(f"{base}/#/experiments/{exp}/runs?{ml}")
-        web.wait_text("Runs", *ids["run_names"][:3])
+        web.get(f"{base}/{mlflow_ui.runs_page(exp)}")
+        web.wait_text("Runs", *ids["run_names"][:3], *mlflow_ui.RUNS_COLUMNS["metrics"][:1])
         web.screenshot(out / "mlflow-runs.png")
 
         web.get(f"{base}/#/experiments/{exp}/runs?{ml}&compareRunsMode=CHART")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
-import os
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from conftest import REPO, build_classifier, free_port
 from typer.testing import CliRunner
 
 from mamlops.cli import app
+from mamlops.files import atomic_write
 
 COMMANDS = [
     "check",
@@ -404,15 +407,36 @@ def test_check_removes_the_temporary_files_a_killed_write_left(tmp_path, monkeyp
     plots = tmp_path / "plots" / "eval"
     plots.mkdir(parents=True)
     dead_plot = plots / f".omniglot-5w1s.csv.{socket.gethostname()}-{proc.pid}-x1.tmp"
-    live = ck / f".theta.safetensors.{socket.gethostname()}-{os.getpid()}-x2.tmp"
-    other_host = ck / f".checkpoint.pt.elsewhere-{proc.pid}-x3.tmp"
-    for path in (dead_plot, live, other_host):
+    other_host = ck / f".checkpoint.pt.elsewhere-{proc.pid}-x3.tmp"  # young: may be starting
+    for path in (dead_plot, other_host):
         path.write_bytes(b"")
-    result = runner.invoke(app, ["check", "--params", str(tmp_path / "params.yaml")])
-    assert result.exit_code == 0, result.output
-    assert "removed the temporary files of killed writes" in result.output
-    assert not left.exists() and not dead_plot.exists()
-    assert live.exists() and other_host.exists()  # a live writer's, another host's: kept
+    with atomic_written(ck / "theta.safetensors") as live:  # a live writer's, held by its lock
+        result = runner.invoke(app, ["check", "--params", str(tmp_path / "params.yaml")])
+        assert result.exit_code == 0, result.output
+        assert "removed the temporary files of killed writes" in result.output
+        assert not left.exists() and not dead_plot.exists()
+        assert live.exists() and other_host.exists()
+
+
+@contextlib.contextmanager
+def atomic_written(path: Path) -> Iterator[Path]:
+    """The temporary file of an ``atomic_write`` of ``path`` in progress in this process."""
+    started, finish = threading.Event(), threading.Event()
+    tmp: list[Path] = []
+
+    def write(name: str) -> None:
+        tmp.append(Path(name))
+        started.set()
+        finish.wait(60)
+
+    thread = threading.Thread(target=atomic_write, args=(path, write))
+    thread.start()
+    started.wait(60)
+    try:
+        yield tmp[0]
+    finally:
+        finish.set()
+        thread.join()
 
 
 def test_params_that_are_not_utf8_are_one_line(tmp_path) -> None:

@@ -26,6 +26,7 @@ from PIL import Image
 from mamlops.config import DataConfig
 from mamlops.data import download
 from mamlops.data.download import DataError, fetch_omniglot, resolve_mirror, verify_omniglot
+from mamlops.files import work_dir
 from mamlops.params import load_params
 from mamlops.urls import join, redact
 
@@ -112,12 +113,12 @@ def _abandoned_workdir(dest: Path, host: str | None = None, pid: int | None = No
 def test_sweep_removes_only_abandoned_workdirs(tmp_path: Path) -> None:
     dest = tmp_path / "omniglot"
     dead = _abandoned_workdir(dest)
-    live = _abandoned_workdir(dest, pid=os.getpid())
-    other_host = _abandoned_workdir(dest, host="some-other-node-7")
+    other_host = _abandoned_workdir(dest, host="some-other-node-7")  # young: may be starting
     unknown = dest.parent / f".{dest.name}-tmp-xyz"
     unknown.mkdir()
-    assert download.sweep_abandoned(dest) == [dead]
-    assert not dead.exists() and live.exists() and other_host.exists() and unknown.exists()
+    with work_dir(dest) as live:  # a live download's, held by its lock
+        assert download.sweep_abandoned(dest) == [dead]
+        assert not dead.exists() and live.exists() and other_host.exists() and unknown.exists()
 
 
 def _snapshot(dest: Path) -> tuple[int, str]:

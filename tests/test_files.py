@@ -130,12 +130,12 @@ def test_a_zombie_process_counts_as_gone(tmp_path) -> None:
 def test_prepare_sweeps_what_a_killed_prepare_left(tmp_path) -> None:
     """prepare's work folders carry host and pid too, so a later prepare removes those of dead
     processes (they used to stay forever) and never those of live ones."""
-    import os
     import socket
     import subprocess
     import sys
 
     from mamlops.data.prepare import staged_dir
+    from mamlops.files import work_dir
 
     dead = int(
         subprocess.run(
@@ -148,17 +148,18 @@ def test_prepare_sweeps_what_a_killed_prepare_left(tmp_path) -> None:
     host = socket.gethostname()
     out = tmp_path / "prepared"
     left = [tmp_path / f".prepared-{kind}-{host}-{dead}-zz" for kind in ("tmp", "old")]
-    live = tmp_path / f".prepared-tmp-{host}-{os.getpid()}-zz"
-    for path in (*left, live):
+    for path in left:
         path.mkdir()
-    with staged_dir(out) as tmp:
-        (tmp / "a.txt").write_text("new")
-    assert (out / "a.txt").read_text() == "new"
-    assert not any(p.exists() for p in left) and live.exists()
-    with staged_dir(out) as tmp:  # replacing an existing folder leaves no .old- folder
-        (tmp / "a.txt").write_text("newer")
-    assert (out / "a.txt").read_text() == "newer"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["prepared", live.name])
+    with work_dir(out) as live:  # a live prepare's, held by its lock
+        with staged_dir(out) as tmp:
+            (tmp / "a.txt").write_text("new")
+        assert (out / "a.txt").read_text() == "new"
+        assert not any(p.exists() for p in left) and live.exists()
+        with staged_dir(out) as tmp:  # replacing an existing folder leaves no .old- folder
+            (tmp / "a.txt").write_text("newer")
+        assert (out / "a.txt").read_text() == "newer"
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["prepared", live.name])
+    assert [p.name for p in tmp_path.iterdir()] == ["prepared"]
 
 
 def test_writing_onto_a_folder_names_it(tmp_path) -> None:
@@ -193,3 +194,69 @@ def test_dead_processes_lose_their_dvc_locks(tmp_path) -> None:
     assert json.loads(lock.read_text()) == {"write": {"b": live}, "read": {"c": [live]}}
     assert release_dead_dvc_locks(tmp_path) == []
     assert release_dead_dvc_locks(tmp_path / "elsewhere") == []
+
+
+def test_a_leftover_is_told_by_its_writers_lock_not_its_name(tmp_path) -> None:
+    """A restarted container has a new host name and often the same pid: names alone kept its
+    predecessor's leftovers forever (another host's) or took a dead writer for a live one (its
+    pid reused). The writer's lock tells: a killed writer's work folder and temporary file are
+    swept whatever their names say, a live writer's are kept whatever theirs say."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from mamlops.files import UNLOCKED_GRACE_S, sweep_abandoned, sweep_temporaries, work_dir
+
+    dest = tmp_path / "store"
+    writer = (
+        "import sys, time; from pathlib import Path; from mamlops.files import atomic_write, "
+        "work_dir\n"
+        "with work_dir(sys.argv[1]) as w:\n"
+        "    atomic_write(Path(sys.argv[1]).parent / 'ckpt.pt', lambda t: (print(w, t, "
+        "flush=True), time.sleep(60)))\n"
+    )
+
+    def start() -> tuple[subprocess.Popen, Path, Path]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", writer, str(dest)], stdout=subprocess.PIPE, text=True
+        )
+        folder, tmp = proc.stdout.readline().split()
+        return proc, Path(folder), Path(tmp)
+
+    def rename(path: Path, owner: str) -> Path:
+        """``path`` under the name another writer would have given it (host-pid)."""
+        head, _, rest = path.name.partition(f"{socket.gethostname()}-")
+        return path.rename(path.with_name(head + owner + "-" + rest.split("-", 1)[1]))
+
+    old = time.time() - 2 * UNLOCKED_GRACE_S
+    killed, held = start(), start()
+    try:
+        killed[0].send_signal(signal.SIGKILL)
+        killed[0].wait()
+        left = [
+            rename(killed[1], f"{socket.gethostname()}-{os.getpid()}"),  # its pid is ours now
+            rename(killed[2], "old-container-1f3a-1"),  # a container that no longer exists
+        ]
+        for path in left:
+            os.utime(path, (old, old))
+        kept = [rename(held[1], "node-b-7"), rename(held[2], f"{socket.gethostname()}-1")]
+        for path in kept:
+            os.utime(path, (old, old))
+        assert sweep_abandoned(dest) == [left[0]]
+        assert sweep_temporaries(tmp_path) == [left[1]]
+        assert all(p.exists() for p in kept)
+    finally:
+        held[0].kill()
+        held[0].wait()
+    assert sweep_abandoned(dest) == [kept[0]] and sweep_temporaries(tmp_path) == [kept[1]]
+    # a writer that ends leaves nothing and holds no descriptor
+    from mamlops.files import write_text
+
+    before = len(os.listdir("/proc/self/fd"))
+    with work_dir(dest) as folder:
+        write_text(folder / "x.txt", "x")
+    assert not folder.exists() and len(os.listdir("/proc/self/fd")) == before

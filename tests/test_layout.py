@@ -103,6 +103,7 @@ BASE = {
     "urls",
     "malloc",
     "tracking",
+    "mlflow_ui",
     "code",
 }
 ENTRY = {"cli", "report", "__main__", "__init__"}

@@ -10,6 +10,9 @@ import io
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -22,7 +25,7 @@ from PIL import Image
 
 from mamlops.classifier.adapt import adapt_folder, predict_paths
 from mamlops.classifier.teach import ClassifierStore, TeachLimits
-from mamlops.files import read_safetensors, work_dir, write_safetensors
+from mamlops.files import UNLOCKED_GRACE_S, read_safetensors, write_safetensors
 from mamlops.serving.serve import create_app
 
 WAYS, SHOTS = 5, 1
@@ -310,8 +313,8 @@ def test_store_sweeps_killed_writes_and_bounds_its_cache(server, drawings, tmp_p
     store_dir = server["store"]
     for a, b in (("x", "y"), ("p", "q"), ("u", "v")):
         assert server["client"].post("/classifiers", files=_pair(drawings, a, b)).status_code == 201
-    dead = work_dir(store_dir / "incoming")
-    dead.rename(dead.with_name(dead.name.replace(f"-{os.getpid()}-", "-999999999-")))
+    dead = store_dir / f".incoming-tmp-{socket.gethostname()}-999999999-abc"
+    (dead / "support").mkdir(parents=True)
     (store_dir / "0123456789abcdef").mkdir()  # an id folder without model.onnx: not listed
     store = ClassifierStore(store_dir, cache_size=2)
     assert not [n for n in stored(store_dir) if n.startswith(".incoming")]
@@ -326,6 +329,41 @@ def test_store_sweeps_killed_writes_and_bounds_its_cache(server, drawings, tmp_p
     (store_dir / ids[0] / "info.json").write_text("{not json")
     assert store.info(ids[0]) == want
     (store_dir / "0123456789abcdef").rmdir()
+
+
+def test_a_restarted_server_sweeps_what_a_killed_one_left(trained_theta, tmp_path) -> None:
+    """A server killed while storing a classifier leaves its work folder in store/incoming.
+    Restarted in a container, the server often has the killed one's pid (1) and a new host
+    name, and names alone kept such folders forever; the writer's lock tells: the folders of
+    killed writers go when the server starts, whatever their names, a live writer's stays."""
+    store = tmp_path / "store"
+    writer = (
+        "import sys, time; from mamlops.files import work_dir\n"
+        "with work_dir(sys.argv[1]) as w:\n"
+        "    (w / 'model.onnx').write_bytes(b'half'); print(w, flush=True); time.sleep(60)\n"
+    )
+    command = [sys.executable, "-c", writer, str(store / "incoming")]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    try:
+        folders = [Path(p.stdout.readline().strip()) for p in procs]
+        for proc in procs[:2]:
+            proc.kill()
+            proc.wait()
+        host, old = socket.gethostname(), time.time() - 2 * UNLOCKED_GRACE_S
+        owners = [f"{host}-{os.getpid()}", "old-container-1f3a-1", "node-b-7"]
+        moved = []
+        for proc, folder, owner in zip(procs, folders, owners, strict=True):
+            moved.append(folder.rename(str(folder).replace(f"-{host}-{proc.pid}-", f"-{owner}-")))
+            os.utime(moved[-1], (old, old))
+        app = create_app(meta_path=trained_theta.path, store=store)
+        with ThreadServer(app) as url:
+            assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+            assert [p.exists() for p in moved] == [False, False, True]
+    finally:
+        procs[2].kill()
+        procs[2].wait()
+    ClassifierStore(store)  # the next start, once that writer is gone too
+    assert not [n for n in stored(store) if n.startswith(".incoming")]
 
 
 def test_openapi_describes_teaching(server) -> None:

@@ -97,8 +97,9 @@ def page(web: webdriver.WebDriver, server: str) -> TeachPage:
     return page
 
 
-def status(web: webdriver.WebDriver) -> str:
-    return web.js("return document.querySelector('#status').textContent")
+def status(web: webdriver.WebDriver, line: str = "#status") -> str:
+    """The text of the teaching status line, or of ``#test-status`` (testing's)."""
+    return web.js(f"return document.querySelector('{line}').textContent")
 
 
 def teach_all(page: TeachPage, drawings: Drawings) -> str:
@@ -116,7 +117,7 @@ def test_page_teaches_and_classifies_like_the_library(page, drawings, trained_th
     web = page.web
     cid = teach_all(page, drawings)
     # the accuracy on its own examples (100 %) is no news, and read as a perfect classifier
-    assert len(cid) == 16 and "Now test it below" in status(web)
+    assert len(cid) == 16 and "Test it below" in status(web)
     assert "100" not in status(web).split("ms")[-1], status(web)
     shown = "[...document.querySelectorAll('#support img')]"
     web.wait(f"return {shown}.every(i => i.complete && i.naturalWidth === 28)", 10, "support")
@@ -190,9 +191,10 @@ def test_a_stored_classifier_is_picked_and_deleted(page, drawings, server) -> No
     rows = "document.querySelectorAll('#file-predictions .prediction')"
     web.wait(f"return {rows}.length === 1 && {rows}[0].dataset.filename === "
              f"'{drawings.queries()[1].name}'", 30, "the readable file classified")  # fmt: skip
-    web.wait("return document.querySelector('#status').textContent.includes('skipped')", 10,
-             "the skipped file named")  # fmt: skip
-    assert "notes.png: not an image this browser can read" in status(web)
+    web.wait("return document.querySelector('#test-status').textContent.includes('skipped')",
+             10, "the skipped file named")  # fmt: skip
+    assert "notes.png: not an image this browser can read" in status(web, "#test-status")
+    assert "notes.png" not in status(web)  # testing's news in the test section, not teaching's
 
     web.click(web.find(f"{item} button.delete"))
     web.wait(f"return !document.querySelector('{item}')", 10, "the classifier gone")
@@ -202,12 +204,26 @@ def test_a_stored_classifier_is_picked_and_deleted(page, drawings, server) -> No
 
 def test_a_taught_page_fits_a_phone(server, drawings, tmp_path) -> None:
     """At 390 px (a phone), once a classifier is taught, nothing is wider than the screen: the
-    test file input was 494 px wide and the status line a six-line column (issue 25)."""
+    test file input was 494 px wide and the status line a six-line column; a test file that is
+    no image is named on the screen where the user chose it (it was named in the teaching
+    status line, a screen further up; issue 25)."""
     with webdriver.browser(390, 844) as phone:
         page = TeachPage(phone, f"{server}/")
         page.open()
         teach_all(page, drawings)
         page.classify_files(drawings.queries()[:2])
+        broken = tmp_path / "notes.png"
+        broken.write_bytes(b"hello, not an image")
+        phone.js("document.querySelector('#test-upload').scrollIntoView({block: 'center'})")
+        phone.send_files(phone.find("#test-upload"), [broken])
+        phone.wait("return document.querySelector('#test-status.error') !== null", 10, "refused")
+        seen = phone.js(
+            "const r = document.querySelector('#test-status').getBoundingClientRect();"
+            "return r.bottom > 0 && r.top < innerHeight"
+        )
+        assert "notes.png: not an image" in status(phone, "#test-status")
+        assert seen, "the refusal is off the screen where the user chose the file"
+        assert "notes.png" not in status(phone)  # not in the teaching line further up
         wide = phone.js(
             "const w = document.documentElement.clientWidth;"
             "return [...document.querySelectorAll('body *')]"
@@ -220,10 +236,11 @@ def test_a_taught_page_fits_a_phone(server, drawings, tmp_path) -> None:
             "return Math.round(s.getBoundingClientRect().height /"
             " parseFloat(getComputedStyle(s).lineHeight))"
         )
+        said = status(phone)
         if os.environ.get("MAMLOPS_SCREENSHOT_DIR"):
             phone.screenshot(Path(os.environ["MAMLOPS_SCREENSHOT_DIR"]) / "teach-390.png", True)
     assert wide == [], wide
-    assert phone.js is not None and lines <= 4, f"the status takes {lines} lines"
+    assert phone.js is not None and lines <= 4, f"the status takes {lines} lines: {said}"
 
 
 def test_a_damaged_classifier_is_marked_in_the_list(page, drawings, server, store) -> None:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent
 # modules that cannot change an output: atomic writes, one-line error reporting, MLflow logging,
 # glibc malloc settings, URL credentials, and this walk (it decides whether a run resumes, and a
 # resumed run ends where an uninterrupted one does)
-NO_OUTPUT_EFFECT = frozenset({"files", "errors", "tracking", "malloc", "urls", "code"})
+NO_OUTPUT_EFFECT = frozenset({"files", "errors", "tracking", "mlflow_ui", "malloc", "urls", "code"})
 
 
 def module_name(path: Path) -> str:

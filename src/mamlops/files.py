@@ -2,20 +2,31 @@
 
 A crash, a kill or a full disk mid-write then leaves the earlier file intact rather than a
 half-written one that DVC would hash and later stages would trust. Whole folders (the
-downloaded data set, the prepared data) are built in a work folder beside their target
-(``work_dir``), named after host and pid so that a later run sweeps the ones a killed process
-left behind (``sweep_abandoned``).
+downloaded data set, the prepared data, a taught classifier) are built in a work folder beside
+their target (``work_dir``).
+
+What a killed process left is told by a lock, not by a name: the writer holds an exclusive
+``flock`` on each temporary file and work folder from the moment it exists until it is renamed
+or removed, and the kernel drops the lock when the process dies, ``kill -9`` included. So
+``sweep_abandoned`` and ``sweep_temporaries`` remove what nobody holds. The name (host and pid)
+is the fallback for what the lock cannot tell: a file system without locks, and the instant
+between creating a folder and locking it. Names alone failed in containers: a restarted
+container has a new host name (the old one's leftovers looked like another machine's, kept
+forever) and often the same pid (a dead writer looked alive).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -23,30 +34,39 @@ from typing import Any
 
 from mamlops.errors import UserError, disk_error
 
-# the renames ``written_together`` holds back until its block ends (None: rename at once)
-_PENDING: ContextVar[list[tuple[str, Path]] | None] = ContextVar("mamlops_pending", default=None)
+# the renames ``written_together`` holds back until its block ends (None: rename at once), each
+# with the descriptor that holds its temporary file's lock
+_Pending = list[tuple[str, Path, int]]
+_PENDING: ContextVar[_Pending | None] = ContextVar("mamlops_pending", default=None)
+# held while a temporary file or work folder is created and locked, and while this process
+# sweeps: a sweep in another thread must not find one of ours in the instant before its lock
+_CREATING = threading.Lock()
+# an unlocked leftover named for a live process is removed once it is this old (seconds): the
+# name's pid was reused, or its host is a container that no longer exists
+UNLOCKED_GRACE_S = 60.0
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic);
-    the temporary file is removed if ``write`` fails."""
+    the temporary file is removed if ``write`` fails, and locked until then (module docstring)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give a file name (e.g. {path}/<name>)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # host and pid in the name: a kill -9 skips the cleanup below, and sweep_temporaries
-        # must know whose leftover it is
+        # host and pid in the name: the fallback when the lock cannot tell (module docstring)
         prefix = f".{path.name}.{_owner()}-"
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+        with _CREATING:
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+            _lock(fd)
     except OSError as exc:
         raise disk_error(exc, path) or exc from None
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+    pending = _PENDING.get()
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         write(tmp)
-        if (pending := _PENDING.get()) is not None:
-            pending.append((tmp, path))  # renamed as the written_together block ends
+        if pending is not None:
+            pending.append((tmp, path, fd))  # renamed (and closed) as written_together ends
         else:
             os.replace(tmp, path)
     except BaseException as exc:
@@ -54,6 +74,9 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
         if isinstance(exc, OSError) and (error := disk_error(exc, path)):
             raise error from None
         raise
+    finally:
+        if pending is None or pending[-1:] != [(tmp, path, fd)]:
+            os.close(fd)
     return path
 
 
@@ -69,23 +92,27 @@ def written_together() -> Iterator[None]:
     leaves temporary files, named for ``sweep_temporaries``, and the earlier outputs whole.
     Files read back inside the block are still the earlier ones: log them after it.
     """
-    pending: list[tuple[str, Path]] = []
+    pending: _Pending = []
     token = _PENDING.set(pending)
     try:
-        yield
-    except BaseException:
-        for tmp, _ in pending:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        _PENDING.reset(token)
-    for i, (tmp, path) in enumerate(pending):
         try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            for rest, _ in pending[i:]:
-                Path(rest).unlink(missing_ok=True)
-            raise disk_error(exc, path) or exc from None
+            yield
+        except BaseException:
+            for tmp, _, _ in pending:
+                Path(tmp).unlink(missing_ok=True)
+            raise
+        finally:
+            _PENDING.reset(token)
+        for i, (tmp, path, _) in enumerate(pending):
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                for rest, _, _ in pending[i:]:
+                    Path(rest).unlink(missing_ok=True)
+                raise disk_error(exc, path) or exc from None
+    finally:
+        for _, _, fd in pending:
+            os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -120,28 +147,38 @@ def folder_digest(folder: str | Path) -> str:
     return files_digest(sorted(p for p in folder.rglob("*") if p.is_file()), folder)
 
 
-def work_dir(dest: str | Path, kind: str = "tmp") -> Path:
-    """A new empty folder beside ``dest``: ``.<name>-<kind>-<host>-<pid>-<random>``."""
+@contextlib.contextmanager
+def work_dir(dest: str | Path, kind: str = "tmp") -> Iterator[Path]:
+    """A new empty folder beside ``dest``, ``.<name>-<kind>-<host>-<pid>-<random>``, locked
+    while the block runs; whatever is still at that name when the block ends is removed.
+
+    Rename the finished work out of it (or into ``dest``) inside the block. What a ``kill -9``
+    leaves is unlocked, and ``sweep_abandoned`` removes it.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{dest.name}-{kind}-{_owner()}-"
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
+    with _CREATING:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        _lock(fd)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
 
 
 def sweep_abandoned(dest: str | Path, kinds: tuple[str, ...] = ("tmp", "old")) -> list[Path]:
-    """Remove ``work_dir`` folders beside ``dest`` whose process on this host is gone.
-
-    Folders of live processes, of other hosts (a shared file system) and of unknown naming are
-    left alone. Returns what was removed.
-    """
+    """Remove the ``work_dir`` folders beside ``dest`` that no process holds (module
+    docstring); folders of unknown naming are left alone. Returns what was removed."""
     dest, removed = Path(dest), []
     for kind in kinds:
         prefix = f".{dest.name}-{kind}-"
         for path in sorted(dest.parent.glob(prefix + "*")):
             # host-pid-suffix: a host name may contain dashes, the pid and mkdtemp's suffix do not
             parts = path.name[len(prefix) :].rsplit("-", 2)
-            if len(parts) == 3 and _owner_gone(*parts[:2]):
-                shutil.rmtree(path, ignore_errors=True)
+            if len(parts) == 3 and path.is_dir() and _abandoned(path, *parts[:2], shutil.rmtree):
                 removed.append(path)
     return removed
 
@@ -151,18 +188,63 @@ def sweep_temporaries(folder: str | Path, recursive: bool = False) -> list[Path]
 
     ``kill -9`` in the middle of a write leaves ``.<name>.<host>-<pid>-<random>.tmp`` (a
     checkpoint's, often 0 bytes); inside a DVC output DVC would track and push it. Removed when
-    its process on this host is gone; those of live processes, other hosts and of unknown
-    naming are left alone, as in ``sweep_abandoned``. Returns what was removed.
+    no process holds it, as in ``sweep_abandoned``. Returns what was removed.
     """
     folder, removed, host = Path(folder), [], socket.gethostname()
     if not folder.is_dir():
         return removed
     for path in sorted((folder.rglob if recursive else folder.glob)(".*.tmp")):
-        head, _, rest = path.name.removesuffix(".tmp").rpartition(f".{host}-")
-        if head and path.is_file() and _owner_gone(host, rest.split("-", 1)[0]):
-            path.unlink(missing_ok=True)
+        # .<name>.<host>-<pid>-<random>: only this host's name is known to end the head
+        parts = path.name.removesuffix(".tmp").rsplit("-", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or not path.is_file():
+            continue
+        owner = host if parts[0].endswith(f".{host}") else ""
+        if _abandoned(path, owner, parts[1], lambda p: p.unlink(missing_ok=True)):
             removed.append(path)
     return removed
+
+
+def _abandoned(path: Path, host: str, pid: str, remove: Callable[[Path], Any]) -> bool:
+    """Remove ``path`` (a work folder or temporary file whose name gives ``host`` and ``pid``)
+    with ``remove`` when no process holds it; whether it was removed.
+
+    Locked: a live writer's. Unlocked: its writer died, unless it is in the instant between
+    creating and locking, which only a young file of a live pid of this host (not this very
+    process: ours are created under ``_CREATING``) can be. Where the file system has no locks,
+    the name alone decides: removed when it names a process of this host that no longer runs.
+    """
+    with _CREATING:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False  # gone meanwhile, or not ours to read
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # a live writer holds it
+            except OSError:  # no locks here (some network file systems)
+                if not _owner_gone(host, pid):
+                    return False
+            else:
+                mine = host == socket.gethostname()
+                young = time.time() - os.stat(fd).st_mtime < UNLOCKED_GRACE_S
+                if mine and pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
+                    if young:
+                        return False
+                elif not mine and young:
+                    return False
+            remove(path)
+            return True
+        finally:
+            os.close(fd)
+
+
+def _lock(fd: int) -> None:
+    """Hold an exclusive lock on ``fd`` until it is closed (or the process dies); a file system
+    without locks leaves the name to tell (``_abandoned``)."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _owner() -> str:
@@ -202,8 +284,6 @@ def release_dead_dvc_locks(root: str | Path = ".") -> list[int]:
     count as dead; a reused pid counts as alive, which is the safe side). Pids are this host's:
     a repository shared between machines must not run it while another machine runs DVC.
     """
-    import fcntl
-
     path = Path(root) / ".dvc" / "tmp" / "rwlock"
     if not path.is_file():
         return []

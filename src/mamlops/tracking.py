@@ -30,10 +30,9 @@ from typing import Any
 
 from mamlops.errors import UserError, sigterm_as_interrupt
 from mamlops.files import file_sha256, folder_digest, process_alive
+from mamlops.mlflow_ui import EXPERIMENT_TAGS, shown
 
 EXPERIMENT = "mamlops"
-# MLflow 3 opens an experiment in its GenAI view (traces) unless this tag says otherwise
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 THETA_TAG = "mamlops.theta_sha256.{}"  # best | final: links evaluate/export to training
 
 
@@ -171,7 +170,7 @@ def experiment_id(
     name: str = EXPERIMENT, uri: str | None = None, artifact_location: str | None = None
 ) -> str:
     """The experiment's id in the store ``uri`` (default: ``tracking_uri``), created on first
-    use with the classic (training runs) view as its landing page and its artifacts at
+    use with the tags of its view in the UI (``mlflow_ui``) and its artifacts at
     ``artifact_location``, by default ``mlartifacts`` beside a SQLite store (MLflow's own
     default is ``./mlruns`` of whichever folder first created it)."""
     from mlflow.tracking import MlflowClient
@@ -192,7 +191,7 @@ def experiment_id(
             exp_id = found.experiment_id
     else:
         exp_id = exp.experiment_id
-    for key, value in EXPERIMENT_KIND.items():
+    for key, value in EXPERIMENT_TAGS.items():
         if exp is None or exp.tags.get(key) != value:
             client.set_experiment_tag(exp_id, key, value)
     return exp_id
@@ -338,7 +337,7 @@ def log_training_metrics(values: Mapping[str, float], step: int | None = None) -
     """One row of the training loop (its ``on_metrics`` callback), under prefixed names."""
     import mlflow
 
-    named = {TRAIN_METRICS.get(k, f"train/{k}"): float(v) for k, v in values.items()}
+    named = {TRAIN_METRICS.get(k, f"train/{k}"): shown(v) for k, v in values.items()}
     mlflow.log_metrics(named, step=step)
 
 
@@ -347,7 +346,7 @@ def log_metrics(values: Mapping[str, float], step: int | None = None) -> None:
     """Numbers of the active run, names as given (callers prefix them)."""
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+    mlflow.log_metrics({k: shown(v) for k, v in values.items()}, step=step)
 
 
 def log_to_finished_run(run_id: str, values: Mapping[str, float]) -> None:
@@ -357,7 +356,7 @@ def log_to_finished_run(run_id: str, values: Mapping[str, float]) -> None:
     from mlflow.entities import Metric
 
     stamp = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), stamp, 0) for k, v in values.items()]
+    metrics = [Metric(k, shown(v), stamp, 0) for k, v in values.items()]
     mlflow.MlflowClient(tracking_uri=tracking_uri()).log_batch(run_id, metrics=metrics)
 
 

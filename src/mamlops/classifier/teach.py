@@ -30,7 +30,6 @@ import io
 import json
 import os
 import re
-import shutil
 import threading
 import time
 import zipfile
@@ -247,8 +246,8 @@ class ClassifierStore:
         self.root = Path(root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = work_dir(self.root / "incoming")
-            probe.rmdir()
+            with work_dir(self.root / "incoming"):
+                pass
         except OSError as exc:
             raise UserError(
                 f"cannot write the classifier store {self.root}: {exc.strerror or exc}; "
@@ -281,8 +280,7 @@ class ClassifierStore:
         dest = self.root / cid
         if (dest / "model.onnx").is_file():
             return cid, False
-        tmp = work_dir(self.root / "incoming")
-        try:
+        with work_dir(self.root / "incoming") as tmp:
             (tmp / "support").mkdir()
             names = []
             for i, label in enumerate(taught.labels):
@@ -307,8 +305,6 @@ class ClassifierStore:
                         return cid, False
                     if attempt == 2:  # ... and a DELETE removed it again before the check
                         raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return cid, True
 
     def damage(self, cid: str) -> str | None:
@@ -433,10 +429,8 @@ class ClassifierStore:
         with self._lock:
             self._cache.pop(cid, None)
             self._facts.pop(cid, None)
-        trash = work_dir(self.root / "deleted", "old")
-        try:
-            os.rename(folder, trash)
-        except FileNotFoundError:  # deleted by a concurrent request
-            raise self._unknown(cid) from None
-        finally:
-            shutil.rmtree(trash, ignore_errors=True)
+        with work_dir(self.root / "deleted", "old") as trash:
+            try:
+                os.rename(folder, trash / cid)
+            except FileNotFoundError:  # deleted by a concurrent request
+                raise self._unknown(cid) from None

@@ -332,8 +332,7 @@ def fetch_omniglot(
     kind, base = _source(mirror)
     dest.parent.mkdir(parents=True, exist_ok=True)
     sweep_abandoned(dest)
-    workdir = work_dir(dest)
-    try:
+    with work_dir(dest) as workdir:
         # Fetch and open both zips before extracting so a bad container fails fast.
         archives = [
             _open_zip(_fetch_zip(kind, base, f"{name}.zip", workdir, progress)) for name in SETS
@@ -353,8 +352,6 @@ def fetch_omniglot(
         # hash) is the same from any mirror or the official release.
         (staged / VERIFIED_NAME).write_text(json.dumps(summary, indent=2) + "\n")
         _swap_in(staged, dest, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     return {"source": redact(base), **summary, "skipped": False}
 
 

@@ -31,7 +31,6 @@ import csv
 import json
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,19 +56,12 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     success; folders that killed runs left beside it are swept first."""
     out_dir = Path(out_dir)
     sweep_abandoned(out_dir)
-    tmp = work_dir(out_dir)
-    try:
+    with work_dir(out_dir) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out_dir.exists():
-        old = work_dir(out_dir, "old")
-        out_dir.rename(old / out_dir.name)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        with work_dir(out_dir, "old") as old:
+            if out_dir.exists():
+                out_dir.rename(old / out_dir.name)
+            tmp.rename(out_dir)
 
 
 def _workers(workers: int | None) -> int:
