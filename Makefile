@@ -61,7 +61,9 @@ plots: install
 # a click in its experiment list drops the URL's choice: so the URL printed is the project
 # experiment's runs table itself, with the key metric and param columns (mlflow_ui.py)
 mlflow-ui: install
-	@echo "open http://127.0.0.1:5000/$$($(BIN)/python -c 'from mamlops import mlflow_ui, tracking; print(mlflow_ui.runs_page(tracking.experiment_id()))')"
+	@page=$$($(BIN)/python -c 'from mamlops import mlflow_ui, tracking; print(mlflow_ui.runs_page(tracking.experiment_id()))') && \
+		echo "open http://127.0.0.1:5000/$$page" && \
+		echo "(then click 'Override saved view' once to keep its columns)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # Teach classifiers in a browser: the meta-model `make run` trained, served with the page at

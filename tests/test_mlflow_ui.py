@@ -1,7 +1,8 @@
 """``make mlflow-ui``'s address in a real ``mlflow ui`` and headless Chromium: the runs table
 opens in the training view with the key metric and param columns, values as logged
-(``mamlops.mlflow_ui``). MLflow 3 showed no metric or param column until a user picked them,
-and a float32 accuracy as 0.68979999... (issue 25). Skips without chromium/chromedriver.
+(``mamlops.mlflow_ui``), and *Override saved view* keeps them. MLflow 3 showed no metric or
+param column until a user picked them, and a float32 accuracy as 0.68979999... (issue 25).
+Skips without chromium/chromedriver.
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ def test_the_printed_address_shows_the_key_columns(tmp_path: Path, monkeypatch) 
         if os.environ.get("MAMLOPS_SCREENSHOT_DIR"):
             web.screenshot(Path(os.environ["MAMLOPS_SCREENSHOT_DIR"]) / "mlflow-runs.png")
         text = web.js("return document.body.innerText")
+        # the one click docs/training.md asks for keeps the columns on the plain address too
+        web.js(
+            "[...document.querySelectorAll('button')]"
+            ".find(b => b.innerText.trim() === 'Override saved view').click()"
+        )
+        web.wait("return !document.body.innerText.includes('viewing a shared view')", 30)
+        web.get("about:blank")  # a fresh load of the app
+        web.get(
+            f"{base}/#/experiments/{tracking.experiment_id()}/runs?workflowType=machine_learning"
+        )
+        web.wait_text("omniglot-5w1s lr-0.3", "eval/acc_transductive", "train.inner_lr")
     assert "0.6898" in text and "0.68979" not in text, "a float32's digits"
     assert "41.1235" in text
     assert {"val/best_acc", "train/tasks_per_s", "setting", "train.meta_batch"} <= set(text.split())
