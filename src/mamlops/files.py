@@ -62,11 +62,13 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     except OSError as exc:
         raise disk_error(exc, path) or exc from None
     pending = _PENDING.get()
+    handed = False  # to written_together, which renames and closes it as its block ends
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         write(tmp)
         if pending is not None:
-            pending.append((tmp, path, fd))  # renamed (and closed) as written_together ends
+            pending.append((tmp, path, fd))
+            handed = True
         else:
             os.replace(tmp, path)
     except BaseException as exc:
@@ -75,7 +77,7 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
             raise error from None
         raise
     finally:
-        if pending is None or pending[-1:] != [(tmp, path, fd)]:
+        if not handed:
             os.close(fd)
     return path
 
@@ -228,12 +230,11 @@ def _abandoned(path: Path, host: str, pid: str, remove: Callable[[Path], Any]) -
                     return False
             else:
                 mine = host == socket.gethostname()
+                other = mine and pid.isdigit() and int(pid) != os.getpid()
+                live = other and process_alive(int(pid))
                 young = time.time() - os.stat(fd).st_mtime < UNLOCKED_GRACE_S
-                if mine and pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
-                    if young:
-                        return False
-                elif not mine and young:
-                    return False
+                if young and (live or not mine):
+                    return False  # its writer may be between creating and locking it
             remove(path)
             return True
         finally:
